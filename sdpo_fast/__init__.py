@@ -12,6 +12,7 @@ from sdpo_fast.algorithm import (
     grpo_advantages,
 )
 from sdpo_fast.distill import DistillOutput, linear_distill
+from sdpo_fast.envs import BatchEvaluator, CodeEnv, Evaluation, MathEnv, evaluate_batch, make_problems, task_env
 from sdpo_fast.scoring import PrefixKV, response_hidden_states
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "build_teacher_contexts", "RepromptConfig", "TeacherContexts", "Teacher", "LossConfig", "TokenBatch",
     "compute_loss", "grpo_advantages", "Aggregator",
     "response_hidden_states", "PrefixKV",
+    "BatchEvaluator", "CodeEnv", "Evaluation", "MathEnv", "evaluate_batch", "make_problems", "task_env",
 ]
 __version__ = "0.1.0"
