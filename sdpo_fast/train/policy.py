@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from sdpo_fast.distill import DistillOutput, linear_distill
-from sdpo_fast.scoring import PrefixKV, response_hidden_states
+from sdpo_fast.scoring import PrefixKV, enable_prefix_attention, response_hidden_states
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Policy(nn.Module):
 
     def __init__(self, lm: PreTrainedModel, share_prefix: bool = True, reuse_prefix_kv: bool = True):
         super().__init__()
+        if share_prefix:  # packed rows attend segment by segment instead of through a dense mask
+            enable_prefix_attention(lm)
         self.lm = lm
         self.share_prefix = share_prefix
         self.reuse_prefix_kv = reuse_prefix_kv and share_prefix

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from tqdm import tqdm
 
 from sdpo_fast.algorithm import Aggregator, LossConfig, RepromptConfig, Teacher, TokenBatch, build_teacher_contexts
@@ -168,6 +168,7 @@ class Trainer:
         prompts = [self._prompt_ids(m) for m in messages]
         rollouts = generate(self.policy, prompts, G, self.sampling, eos_token_ids=self.eos,
                             pad_token_id=self.tokenizer.pad_token_id, batch_size=cfg.generation_batch_size)
+        _reshard(self.policy)
         t_gen = time.perf_counter()
 
         texts = self.tokenizer.batch_decode(rollouts.responses, skip_special_tokens=True)
@@ -253,6 +254,8 @@ class Trainer:
             loss = compute_loss(lcfg, agg, batch, metrics)
             loss.backward()
             total += float(loss.detach())
+        if self.teacher_policy is not None:
+            _reshard(self.teacher_policy)
         return {**extra, **metrics.summary()}, total
 
     def _teacher_head(self) -> torch.Tensor | None:
@@ -285,6 +288,7 @@ class Trainer:
             self.policy, self.tokenizer, self.task, problems[self.rt.rank::self.rt.world_size], self.evaluator,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
             batch_size=cfg.generation_batch_size)
+        _reshard(self.policy)
         return self._sum_over_ranks(correct) / max(len(problems), 1)
 
     # ----------------------------------------------------------------------------------------------------
@@ -355,6 +359,14 @@ class Trainer:
         t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.rt.device)
         dist.all_reduce(t)
         return {k: float(v) / self.rt.world_size for k, v in zip(keys, t.tolist())}
+
+
+def _reshard(policy: Policy) -> None:
+    """Return FSDP2 parameters to their shards after a forward without backward (generation, teacher
+    scoring): the root group stays gathered after forward by design, which would leave full tensors
+    behind for the EMA update and the checkpoint."""
+    if isinstance(policy, FSDPModule):
+        policy.reshard()
 
 
 def _seed_everything(seed: int) -> None:
