@@ -89,11 +89,14 @@ def _split_range(V, SPLITS, BLOCK_V: tl.constexpr):
     return first, tl.minimum(first + per_split, n_tiles)
 
 
-@triton.autotune(configs=autotune_configs(_GPU_CONFIGS), key=["H", "H_T", "V", "SPLITS"])
+@triton.autotune(configs=autotune_configs(_GPU_CONFIGS), key=["H", "H_T", "V", "SPLITS", "HAS_TEACHER"])
 @triton.jit
 def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, rows_ptr, tgt_ptr, part_ptr,
                   n_rows, H, H_T, V, SPLITS, stride_hs, stride_ht, stride_w, stride_wt, scale,
-                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                  HAS_TEACHER: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Partial states of one (row tile, split). Without HAS_TEACHER (`linear_logprobs`) no teacher tile is
+    computed: the teacher state mirrors the student's (as if b = a), so the merged KL terms are 0."""
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs < n_rows
     rows = tl.load(rows_ptr + offs, mask=row_ok, other=0)
@@ -115,23 +118,33 @@ def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, rows_ptr, tgt_ptr, part_ptr,
         ok = col_ok[None, :]
         a = logit_tile(hs_ptr, stride_hs, rows, row_ok, w_ptr, stride_w, cols, col_ok, H, scale,
                        BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
-        b = logit_tile(ht_ptr, stride_ht, rows, row_ok, wt_ptr, stride_wt, cols, col_ok, H_T, scale,
-                       BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
         # The target is matched only inside the real vocabulary.
         hit = (cols[None, :] == tgt[:, None]) & ok
         a_y += tl.sum(tl.where(hit, a, 0.0), 1)
-        b_y += tl.sum(tl.where(hit, b, 0.0), 1)
         # The tile's own state, relative to its maxima (every tile has at least one real column).
         tm_a = tl.max(tl.where(ok, a, float("-inf")), 1)
-        tm_b = tl.max(tl.where(ok, b, float("-inf")), 1)
         u = tl.where(ok, a - tm_a[:, None], 0.0)
-        w = tl.where(ok, b - tm_b[:, None], 0.0)
         eu = tl.where(ok, tl.exp(u), 0.0)
-        ew = tl.where(ok, tl.exp(w), 0.0)
+        tz_a = tl.sum(eu, 1)
+        if HAS_TEACHER:
+            b = logit_tile(ht_ptr, stride_ht, rows, row_ok, wt_ptr, stride_wt, cols, col_ok, H_T, scale,
+                           BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+            b_y += tl.sum(tl.where(hit, b, 0.0), 1)
+            tm_b = tl.max(tl.where(ok, b, float("-inf")), 1)
+            w = tl.where(ok, b - tm_b[:, None], 0.0)
+            ew = tl.where(ok, tl.exp(w), 0.0)
+            tz_b = tl.sum(ew, 1)
+            tk_a = tl.sum(eu * (u - w), 1)
+            tk_b = tl.sum(ew * (w - u), 1)
+        else:
+            tm_b = tm_a
+            tz_b = tz_a
+            tk_a = tl.zeros((BLOCK_N,), tl.float32)
+            tk_b = tl.zeros((BLOCK_N,), tl.float32)
         m_a, z_a, e_a, k_a, m_b, z_b, k_b = combine(
             m_a, z_a, e_a, k_a, m_b, z_b, k_b,
-            tm_a, tl.sum(eu, 1), tl.sum(eu * u, 1), tl.sum(eu * (u - w), 1),
-            tm_b, tl.sum(ew, 1), tl.sum(ew * (w - u), 1),
+            tm_a, tz_a, tl.sum(eu * u, 1), tk_a,
+            tm_b, tz_b, tk_b,
         )
 
     # One plane per statistic; this program owns column `split` of every plane.
@@ -255,15 +268,11 @@ def distill_forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: tor
     """
     n_rows, (vocab, hidden), hidden_t = rows.numel(), w.shape, wt.shape[1]
     splits = splits or num_splits(n_rows, vocab, hs.device)
-    part = torch.empty(_STATS, splits, n_rows, dtype=torch.float32, device=hs.device)
     args = dict(n_rows=n_rows, H=hidden, H_T=hidden_t, V=vocab, SPLITS=splits, stride_hs=hs.stride(0),
                 stride_ht=ht.stride(0), stride_w=w.stride(0), stride_wt=wt.stride(0), scale=1.0 / temperature,
                 PRECISION=dot_precision(w.dtype))
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits)  # noqa: E731
-    _stats_kernel[grid](hs, ht, w, wt, rows, targets, part, **args)
-
-    final = torch.empty(7, n_rows, dtype=torch.float32, device=hs.device)
-    _merge_kernel[(triton.cdiv(n_rows, _MERGE_BLOCK),)](part, final, n_rows, splits, BLOCK=_MERGE_BLOCK)
+    part, final = _merged_stats(grid, hs, ht, w, wt, rows, targets, args, has_teacher=True)
     kl_qp, logp_y, logq_y, entropy, lse_s, lse_t, kl_pq = final
     if alpha == 0.0:
         return RowStats(kl_qp, logp_y, logq_y, entropy, lse_s, lse_t, torch.zeros_like(kl_pq))
@@ -275,3 +284,29 @@ def distill_forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: tor
                       log_1m_alpha=math.log1p(-alpha), log_alpha=math.log(alpha))
     kl_sm, kl_tm = jsd_part.sum(1)
     return RowStats((1.0 - alpha) * kl_sm + alpha * kl_tm, logp_y, logq_y, entropy, lse_s, lse_t, kl_sm)
+
+
+def _merged_stats(grid, hs, ht, w, wt, rows, targets, args: dict, *, has_teacher: bool):
+    """Run the stats and merge kernels: (partial-state buffer [_STATS, splits, n], finals [7, n])."""
+    n_rows, splits = args["n_rows"], args["SPLITS"]
+    part = torch.empty(_STATS, splits, n_rows, dtype=torch.float32, device=hs.device)
+    _stats_kernel[grid](hs, ht, w, wt, rows, targets, part, **args, HAS_TEACHER=has_teacher)
+    final = torch.empty(7, n_rows, dtype=torch.float32, device=hs.device)
+    _merge_kernel[(triton.cdiv(n_rows, _MERGE_BLOCK),)](part, final, n_rows, splits, BLOCK=_MERGE_BLOCK)
+    return part, final
+
+
+def logprobs_forward(hs: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, *,
+                     temperature: float, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student only (`linear_logprobs`): (log p(y), entropy, log-normaliser) of the valid rows `rows`, fp32.
+
+    One pass of the stats kernel without its teacher tile (no second GEMM), then the merge.
+    """
+    n_rows, (vocab, hidden) = rows.numel(), w.shape
+    splits = splits or num_splits(n_rows, vocab, hs.device)
+    args = dict(n_rows=n_rows, H=hidden, H_T=hidden, V=vocab, SPLITS=splits, stride_hs=hs.stride(0),
+                stride_ht=hs.stride(0), stride_w=w.stride(0), stride_wt=w.stride(0), scale=1.0 / temperature,
+                PRECISION=dot_precision(w.dtype))
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits)  # noqa: E731
+    _, final = _merged_stats(grid, hs, hs, w, w, rows, targets, args, has_teacher=False)
+    return final[1], final[3], final[4]

@@ -1,4 +1,4 @@
-"""The public fused op `linear_distill`: argument checks and dispatch to an implementation."""
+"""The public fused ops `linear_distill` and `linear_logprobs`: argument checks and dispatch to an implementation."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 
-from sdpo_fast.distill.chunked import linear_distill_chunked
-from sdpo_fast.distill.naive import linear_distill_naive
-from sdpo_fast.distill.output import DistillOutput
+from sdpo_fast.distill.chunked import linear_distill_chunked, linear_logprobs_chunked
+from sdpo_fast.distill.naive import linear_distill_naive, linear_logprobs_naive
+from sdpo_fast.distill.output import DistillOutput, LogProbOutput
 
 IMPLS = ("naive", "chunked", "triton", "auto")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -72,22 +72,81 @@ def linear_distill(
     return out.reshape(*lead_shape)
 
 
-def _resolve_impl(impl: str, device: torch.device, topk: int | None,
-                  dtype: torch.dtype = torch.float32) -> Callable[..., DistillOutput]:
-    """The implementation function for `impl`.
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> LogProbOutput:
+    """Per-token log p(target) and entropy straight from hidden states and the LM head, without logits.
+
+    The student-only half of `linear_distill` for GRPO-style objectives: no teacher, no second GEMM.
+
+    Args:
+        hidden: [N, H] (or [..., H]) hidden states (the final norm's output); gradients flow to it.
+        weight: [V, H] LM head; gradients flow to it.
+        targets: [N] (or [...]) integer token ids; rows equal to `ignore_index` give 0 and no gradient.
+        temperature: the logits are divided by it.
+        ignore_index: target value of rows to skip.
+        impl: "naive" (materialises logits; the specification), "chunked" (pure PyTorch, bounded memory),
+            "triton" (fused kernels), or "auto" (Triton for fp16/bf16/fp32 CUDA inputs, else chunked).
+
+    Returns:
+        `LogProbOutput(logp, entropy)` of per-token tensors shaped like `targets`; `logp` is
+        differentiable w.r.t. `hidden` and `weight`, `entropy` is detached.
+    """
+    _check_tensors(hidden=hidden, weight=weight, targets=targets)
+    _check_impl(impl)
+    _check_head("hidden", hidden, weight, targets)
+    _check_float_dtypes(hidden=hidden, weight=weight)
+    _check_same_dtype("hidden", hidden, "weight", weight)
+    _check_targets_and_devices(targets, hidden=hidden, weight=weight)
+    _check_scalars(temperature, ignore_index)
+    lead_shape = targets.shape
+    name = _impl_name(impl, hidden.device, None, hidden.dtype)
+    if name == "naive":
+        run = linear_logprobs_naive
+    elif name == "chunked":
+        run = linear_logprobs_chunked
+    else:
+        from sdpo_fast.distill.triton_impl import linear_logprobs_triton  # imports triton lazily
+
+        run = linear_logprobs_triton
+    out = run(
+        hidden.reshape(-1, weight.shape[1]),
+        weight,
+        _validated_targets(targets.reshape(-1), weight.shape[0], int(ignore_index)),
+        temperature=float(temperature),
+        ignore_index=int(ignore_index),
+    )
+    return out.reshape(*lead_shape)
+
+
+def _impl_name(impl: str, device: torch.device, topk: int | None, dtype: torch.dtype) -> str:
+    """"naive", "chunked" or "triton" for `impl`.
 
     "auto" takes Triton for fp16/bf16/fp32 CUDA inputs without `topk` (the kernels cover the full
-    vocabulary only), else "chunked".
+    vocabulary only), else "chunked". "triton" without the triton package raises ValueError.
     """
     if impl == "auto":
         use_triton = device.type == "cuda" and topk is None and dtype != torch.float64 and _triton_available()
-        impl = "triton" if use_triton else "chunked"
-    if impl == "naive":
-        return linear_distill_naive
-    if impl == "chunked":
-        return linear_distill_chunked
-    if not _triton_available():
+        return "triton" if use_triton else "chunked"
+    if impl == "triton" and not _triton_available():
         raise ValueError("impl='triton' needs the triton package (pip install triton); use impl='chunked'")
+    return impl
+
+
+def _resolve_impl(impl: str, device: torch.device, topk: int | None,
+                  dtype: torch.dtype = torch.float32) -> Callable[..., DistillOutput]:
+    """The `linear_distill` implementation function for `impl` (see `_impl_name`)."""
+    name = _impl_name(impl, device, topk, dtype)
+    if name == "naive":
+        return linear_distill_naive
+    if name == "chunked":
+        return linear_distill_chunked
     from sdpo_fast.distill.triton_impl import linear_distill_triton  # imports triton lazily
 
     return linear_distill_triton
@@ -104,24 +163,13 @@ def _triton_available() -> bool:
 def _check_args(student_hidden, teacher_hidden, weight, targets, teacher_weight, alpha, temperature, topk,
                 ignore_index, impl):
     """Raise ValueError naming the offending argument; never let a bad input give a silent number."""
-    for name, t in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden), ("weight", weight),
-                    ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_tensors(student_hidden=student_hidden, teacher_hidden=teacher_hidden, weight=weight, targets=targets)
     if teacher_weight is not None and not isinstance(teacher_weight, torch.Tensor):
         raise ValueError(f"teacher_weight must be a torch.Tensor or None, got {type(teacher_weight).__name__}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    _check_impl(impl)
 
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    _check_head("student_hidden", student_hidden, weight, targets)
     vocab, hidden = weight.shape
-    if student_hidden.dim() < 2 or student_hidden.shape[-1] != hidden:
-        raise ValueError(f"student_hidden must be [N, {hidden}] (or [..., {hidden}]) to match weight [V, H], "
-                         f"got shape {tuple(student_hidden.shape)}")
-    if targets.shape != student_hidden.shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal student_hidden.shape[:-1] = "
-                         f"{tuple(student_hidden.shape[:-1])}")
     if teacher_weight is not None and (teacher_weight.dim() != 2 or teacher_weight.shape[0] != vocab):
         raise ValueError(f"teacher_weight must be [V={vocab}, H_t], got shape {tuple(teacher_weight.shape)}")
     teacher_size = hidden if teacher_weight is None else teacher_weight.shape[1]
@@ -129,32 +177,72 @@ def _check_args(student_hidden, teacher_hidden, weight, targets, teacher_weight,
         raise ValueError(f"teacher_hidden must have shape {(*student_hidden.shape[:-1], teacher_size)} "
                          f"(student_hidden.shape[:-1] + teacher head width), got {tuple(teacher_hidden.shape)}")
 
-    for name, t in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden), ("weight", weight),
-                    ("teacher_weight", teacher_weight)):
-        if t is not None and t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a floating tensor (fp16, bf16, fp32 or fp64), got {t.dtype}")
-    if student_hidden.dtype != weight.dtype:
-        raise ValueError(f"student_hidden dtype {student_hidden.dtype} must equal weight dtype {weight.dtype}")
-    teacher_head = weight if teacher_weight is None else teacher_weight
-    if teacher_hidden.dtype != teacher_head.dtype:
-        name = "weight" if teacher_weight is None else "teacher_weight"
-        raise ValueError(f"teacher_hidden dtype {teacher_hidden.dtype} must equal {name} dtype {teacher_head.dtype}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64 or int32 token ids, got {targets.dtype}")
-
-    devices = {t.device for t in (student_hidden, teacher_hidden, weight, targets, teacher_weight) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    _check_float_dtypes(student_hidden=student_hidden, teacher_hidden=teacher_hidden, weight=weight,
+                        teacher_weight=teacher_weight)
+    _check_same_dtype("student_hidden", student_hidden, "weight", weight)
+    if teacher_weight is None:
+        _check_same_dtype("teacher_hidden", teacher_hidden, "weight", weight)
+    else:
+        _check_same_dtype("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+    _check_targets_and_devices(targets, student_hidden=student_hidden, teacher_hidden=teacher_hidden,
+                               weight=weight, teacher_weight=teacher_weight)
 
     if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    _check_scalars(temperature, ignore_index)
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= vocab):
+        raise ValueError(f"topk must be None or an int in [1, V={vocab}], got {topk!r}")
+
+
+def _check_tensors(**tensors) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_impl(impl) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _check_head(hidden_name: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    """weight is [V, H], the hidden states are [..., H] and the targets [...] (their leading shape)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    size = weight.shape[1]
+    if hidden.dim() < 2 or hidden.shape[-1] != size:
+        raise ValueError(f"{hidden_name} must be [N, {size}] (or [..., {size}]) to match weight [V, H], "
+                         f"got shape {tuple(hidden.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal {hidden_name}.shape[:-1] = "
+                         f"{tuple(hidden.shape[:-1])}")
+
+
+def _check_float_dtypes(**tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a floating tensor (fp16, bf16, fp32 or fp64), got {t.dtype}")
+
+
+def _check_same_dtype(name: str, t: torch.Tensor, head_name: str, head: torch.Tensor) -> None:
+    if t.dtype != head.dtype:
+        raise ValueError(f"{name} dtype {t.dtype} must equal {head_name} dtype {head.dtype}")
+
+
+def _check_targets_and_devices(targets: torch.Tensor, **tensors) -> None:
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 or int32 token ids, got {targets.dtype}")
+    devices = {t.device for t in (targets, *tensors.values()) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+
+
+def _check_scalars(temperature, ignore_index) -> None:
     # `0 < t < inf` rather than math.isfinite: torch.compile(dynamic=True) cannot trace the latter.
     if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= vocab):
-        raise ValueError(f"topk must be None or an int in [1, V={vocab}], got {topk!r}")
 
 
 @torch.library.custom_op("sdpo_fast::validated_targets", mutates_args=())

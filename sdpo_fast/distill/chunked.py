@@ -1,10 +1,11 @@
-"""impl="chunked": pure-PyTorch `linear_distill` with memory bounded independently of N x V.
+"""impl="chunked": pure-PyTorch `linear_distill` (and `linear_logprobs`) with memory bounded independently of N x V.
 
 Forward walks over chunks of valid token rows, computes both logit blocks [C, V] of the chunk and keeps
 only per-row statistics (log-normalisers, a KL term, top-k indices). Backward recomputes the blocks
 chunk by chunk, forms the gradient w.r.t. the student logits in closed form (top-k too, on the small
 [C, k + 1] support), and applies it with two GEMMs: d(student_hidden) per chunk and d(weight)
-accumulated in float32. Ignored rows are never computed. Works on CPU and GPU.
+accumulated in float32. Ignored rows are never computed. Works on CPU and GPU. `linear_logprobs` is the
+same walk over the student's blocks only: no teacher GEMM, forward or backward.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from sdpo_fast.distill.custom_ops import (
     distill_output,
     fake_backward_outputs,
     fake_forward_outputs,
+    fake_logprobs_outputs,
+    logprobs_output,
     register_distill_autograd,
+    register_logprobs_autograd,
 )
 from sdpo_fast.distill.formulas import TAIL_LOG_MASS_MAX, divergence, mixture_logp, topk_support
-from sdpo_fast.distill.output import DistillOutput
+from sdpo_fast.distill.output import DistillOutput, LogProbOutput
 
 # Elements of one [C, V] working block: C = max(1, DEFAULT_CHUNK_ELEMS // V) rows per chunk. About
 # five such blocks are alive at once in backward: ~160 MB in float32 at this setting.
@@ -198,19 +202,34 @@ def _chunked_backward(
             del logp_t
         else:
             grad_logits = torch.zeros_like(p)
-        if grad_logp is not None:  # d log p(y) / d logits = onehot(y) - p
-            g = grad_logp[r].to(dtype).unsqueeze(-1)
-            grad_logits.addcmul_(p, g, value=-1.0).scatter_add_(-1, targets[r].unsqueeze(-1), g)
+        if grad_logp is not None:
+            _add_logp_grad(grad_logits, p, grad_logp[r], targets[r])
         del logp_s, p
-        grad_logits = grad_logits.mul_(1.0 / opts.temperature).to(weight.dtype)
-        if need_h:
-            grad_h[r] = (grad_logits @ weight).to(dtype)
-        if need_w:  # in place: no [V, H] temporary per chunk
-            if grad_logits.dtype == dtype:
-                grad_w.addmm_(grad_logits.T, h)
-            else:
-                grad_w += (grad_logits.T @ h).to(dtype)
+        _apply_grad_logits(grad_logits, h, r, weight, grad_h if need_h else None, grad_w if need_w else None,
+                           opts.temperature)
     return grad_h.to(student_hidden.dtype), grad_w.to(weight.dtype)
+
+
+def _add_logp_grad(grad_logits: torch.Tensor, p: torch.Tensor, grad_logp: torch.Tensor, y: torch.Tensor) -> None:
+    """grad_logits += grad_logp * d log p(y) / d logits = grad_logp * (onehot(y) - p), in place."""
+    g = grad_logp.to(grad_logits.dtype).unsqueeze(-1)
+    grad_logits.addcmul_(p, g, value=-1.0).scatter_add_(-1, y.unsqueeze(-1), g)
+
+
+def _apply_grad_logits(grad_logits: torch.Tensor, h: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
+                       grad_h: torch.Tensor | None, grad_w: torch.Tensor | None, temperature: float) -> None:
+    """Chain one chunk's d(loss)/d(logits / temperature) through the LM head with two GEMMs.
+
+    Writes grad_h[r] and adds to grad_w (float accumulators; None when that gradient is not needed).
+    """
+    grad_logits = grad_logits.mul_(1.0 / temperature).to(weight.dtype)
+    if grad_h is not None:
+        grad_h[r] = (grad_logits @ weight).to(grad_h.dtype)
+    if grad_w is not None:  # in place: no [V, H] temporary per chunk
+        if grad_logits.dtype == grad_w.dtype:
+            grad_w.addmm_(grad_logits.T, h)
+        else:
+            grad_w += (grad_logits.T @ h).to(grad_w.dtype)
 
 
 @_chunked_backward.register_fake
@@ -244,4 +263,92 @@ def linear_distill_chunked(
     return distill_output(*_chunked_forward(
         student_hidden, teacher_hidden.detach(), weight, teacher_weight.detach(), targets,
         float(alpha), float(temperature), topk, bool(add_tail), int(ignore_index), chunk_rows,
+    ))
+
+
+@torch.library.custom_op("sdpo_fast::linear_logprobs_chunked", mutates_args=())
+def _chunked_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student-only forward in the calling convention of `custom_ops`; saved = log-normalisers [1, N]."""
+    n, device = hidden.shape[0], hidden.device
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.zeros(2, n, dtype=dtype, device=device)
+    lse = torch.zeros(1, n, dtype=dtype, device=device)
+    rows = (targets != ignore_index).nonzero().squeeze(-1)
+    for start in range(0, rows.numel(), chunk_rows):
+        r = rows[start:start + chunk_rows]
+        logp, lse[0, r] = _logp_block(hidden[r], weight, temperature, dtype)
+        out[:, r] = torch.stack([logp.gather(-1, targets[r].unsqueeze(-1)).squeeze(-1), -_vecdot(logp.exp(), logp)])
+    return out[0].clone(), out[1:].clone(), lse
+
+
+@_chunked_logprobs_forward.register_fake
+def _(hidden, weight, targets, temperature, ignore_index, chunk_rows):
+    return fake_logprobs_outputs(hidden, targets)
+
+
+@torch.library.custom_op("sdpo_fast::linear_logprobs_chunked_backward", mutates_args=())
+def _chunked_logprobs_backward(
+    grad_logp: Optional[torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    chunk_rows: int,
+    need_h: bool,
+    need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student-only backward: recompute each chunk's log-probs, gradient onehot(y) - p, two GEMMs."""
+    dtype = lse.dtype
+    grad_h = torch.zeros_like(hidden, dtype=dtype) if need_h else hidden.new_empty(0)
+    grad_w = torch.zeros_like(weight, dtype=dtype) if need_w else weight.new_empty(0)
+    rows = (targets != ignore_index).nonzero().squeeze(-1)
+    for start in range(0, rows.numel(), chunk_rows):
+        r = rows[start:start + chunk_rows]
+        h = hidden[r]
+        logp, _ = _logp_block(h, weight, temperature, dtype, lse[0, r])
+        # Renormalised: the saved lse is rounded, which would scale every p of a row by one factor (1 + eps|lse|),
+        # and with large logits the gradient of a shared logit offset, sum(p) - 1, would no longer vanish.
+        p = logp.exp_()
+        p.div_(p.sum(-1, keepdim=True))
+        grad_logits = torch.zeros_like(p)
+        _add_logp_grad(grad_logits, p, grad_logp[r], targets[r])
+        del logp, p
+        _apply_grad_logits(grad_logits, h, r, weight, grad_h if need_h else None, grad_w if need_w else None,
+                           temperature)
+    return grad_h.to(hidden.dtype), grad_w.to(weight.dtype)
+
+
+@_chunked_logprobs_backward.register_fake
+def _(grad_logp, hidden, weight, targets, lse, temperature, ignore_index, chunk_rows, need_h, need_w):
+    return fake_backward_outputs(hidden, weight, need_h, need_w)
+
+
+register_logprobs_autograd(_chunked_logprobs_forward, _chunked_logprobs_backward)
+
+
+def linear_logprobs_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    ignore_index: int,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> LogProbOutput:
+    """Bounded-memory `linear_logprobs` (see the module docstring); arguments as `linear_logprobs`.
+
+    `chunk_elems` bounds one working block: rows per chunk = max(1, chunk_elems // V).
+    """
+    chunk_rows = max(1, chunk_elems // weight.shape[0])
+    return logprobs_output(*_chunked_logprobs_forward(
+        hidden, weight, targets, float(temperature), int(ignore_index), chunk_rows,
     ))

@@ -1,4 +1,4 @@
-"""impl="naive": the readable specification of `linear_distill`.
+"""impl="naive": the readable specification of `linear_distill` and `linear_logprobs`.
 
 It materialises [N, V] logits and lets autograd do the backward. It computes in the inputs' dtype,
 so float64 inputs give the reference the tests compare against and bf16 inputs give the plain-torch
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sdpo_fast.distill.formulas import divergence, topk_support
-from sdpo_fast.distill.output import DistillOutput
+from sdpo_fast.distill.output import DistillOutput, LogProbOutput
 
 
 def linear_distill_naive(
@@ -45,12 +45,7 @@ def linear_distill_naive(
     teacher_logp = logp_t.gather(-1, y).squeeze(-1)
     entropy = -(logp_s.exp() * logp_s).sum(-1)
 
-    out_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
-    zero = student_hidden.new_zeros((), dtype=out_dtype)
-
-    def finish(t: torch.Tensor) -> torch.Tensor:
-        return torch.where(valid, t.to(out_dtype), zero)
-
+    finish = _finisher(valid, student_hidden)
     return DistillOutput(
         divergence=finish(div),
         student_logp=finish(student_logp),
@@ -58,3 +53,33 @@ def linear_distill_naive(
         advantage=finish(teacher_logp - student_logp).detach(),
         entropy=finish(entropy).detach(),
     )
+
+
+def linear_logprobs_naive(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    ignore_index: int,
+) -> LogProbOutput:
+    """Token log-probs and entropy from full logits (see `linear_logprobs`)."""
+    valid = targets != ignore_index
+    y = torch.where(valid, targets, 0).unsqueeze(-1)
+    logp = ((hidden @ weight.T) / temperature).log_softmax(-1)
+    finish = _finisher(valid, hidden)
+    return LogProbOutput(
+        logp=finish(logp.gather(-1, y).squeeze(-1)),
+        entropy=finish(-(logp.exp() * logp).sum(-1)).detach(),
+    )
+
+
+def _finisher(valid: torch.Tensor, hidden: torch.Tensor):
+    """Cast a per-token result to the output dtype (float32, or float64) and zero the ignored rows."""
+    out_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    zero = hidden.new_zeros((), dtype=out_dtype)
+
+    def finish(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(valid, t.to(out_dtype), zero)
+
+    return finish

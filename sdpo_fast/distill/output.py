@@ -1,4 +1,4 @@
-"""The result type of `linear_distill`."""
+"""The result types of `linear_distill` and `linear_logprobs`."""
 
 from __future__ import annotations
 
@@ -26,3 +26,18 @@ class DistillOutput(NamedTuple):
     def reshape(self, *shape: int) -> "DistillOutput":
         """The same results with every field reshaped (used for leading batch dimensions)."""
         return DistillOutput(*(t.reshape(shape) for t in self))
+
+
+class LogProbOutput(NamedTuple):
+    """Per-token results of `linear_logprobs`, float32 (float64 for float64 inputs); ignored rows hold 0.
+
+    logp:    log p(y) of the target token; differentiable w.r.t. hidden and weight.
+    entropy: entropy of the full-vocabulary distribution; detached.
+    """
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+
+    def reshape(self, *shape: int) -> "LogProbOutput":
+        """The same results with every field reshaped (used for leading batch dimensions)."""
+        return LogProbOutput(*(t.reshape(shape) for t in self))

@@ -1,9 +1,10 @@
-"""impl="triton": `linear_distill` on the fused Triton kernels of `sdpo_fast.kernels`.
+"""impl="triton": `linear_distill` and `linear_logprobs` on the fused Triton kernels of `sdpo_fast.kernels`.
 
 Forward: one pass over vocabulary tiles (two for the JSD) gives every per-row output without [N, V]
 logits (kernels/distill_forward.py). Backward: the gradient w.r.t. the student logits is recomputed in
 vocabulary chunks into a bounded workspace and applied with cuBLAS GEMMs (kernels/distill_backward.py).
 Registered as a torch.library custom op (see `custom_ops`), so `torch.compile` traces its callers.
+`linear_logprobs` runs the same kernels without their teacher tiles (no second GEMM, forward or backward).
 
 Covers the full vocabulary (`topk=None`) for fp16/bf16/fp32 inputs; `topk` and float64 raise ValueError
 (impl="chunked" serves them, and impl="auto" routes them there). Runs on CUDA tensors, or on CPU under
@@ -20,12 +21,15 @@ from sdpo_fast.distill.custom_ops import (
     distill_output,
     fake_backward_outputs,
     fake_forward_outputs,
+    fake_logprobs_outputs,
+    logprobs_output,
     register_distill_autograd,
+    register_logprobs_autograd,
 )
-from sdpo_fast.distill.output import DistillOutput
+from sdpo_fast.distill.output import DistillOutput, LogProbOutput
 from sdpo_fast.kernels import INTERPRET
 from sdpo_fast.kernels.distill_backward import DEFAULT_WORKSPACE_BYTES, distill_backward
-from sdpo_fast.kernels.distill_forward import distill_forward
+from sdpo_fast.kernels.distill_forward import distill_forward, logprobs_forward
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -139,18 +143,109 @@ def linear_distill_triton(
     if topk is not None:
         raise ValueError(f"impl='triton' computes the full-vocabulary divergence only, got topk={topk}; "
                          "use impl='chunked' (impl='auto' routes topk there)")
-    if student_hidden.device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"impl='triton' needs CUDA tensors, got device {student_hidden.device} (on CPU, set "
+    _check_triton_inputs(splits, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
+    return distill_output(*_triton_forward(
+        student_hidden.contiguous(), teacher_hidden.detach().contiguous(), weight.contiguous(),
+        teacher_weight.detach().contiguous(), targets, float(alpha), float(temperature), int(ignore_index),
+        splits, int(workspace_bytes),
+    ))
+
+
+def _check_triton_inputs(splits: int | None, **hidden: torch.Tensor) -> None:
+    """ValueError unless the kernels can run on these hidden states (device, dtype) with `splits`."""
+    device = next(iter(hidden.values())).device
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"impl='triton' needs CUDA tensors, got device {device} (on CPU, set "
                          "TRITON_INTERPRET=1 before importing sdpo_fast to run the kernels in the slow "
                          "interpreter, or use impl='chunked')")
-    for name, t in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+    for name, t in hidden.items():
         if t.dtype not in _DTYPES:
             raise ValueError(f"impl='triton' supports fp16, bf16 and fp32 inputs, got {name} of dtype {t.dtype}; "
                              "use impl='chunked' for float64")
     if splits is not None and splits < 1:
         raise ValueError(f"splits must be None or >= 1, got {splits}")
-    return distill_output(*_triton_forward(
-        student_hidden.contiguous(), teacher_hidden.detach().contiguous(), weight.contiguous(),
-        teacher_weight.detach().contiguous(), targets, float(alpha), float(temperature), int(ignore_index),
-        splits, int(workspace_bytes),
+
+
+@torch.library.custom_op("sdpo_fast::linear_logprobs_triton", mutates_args=())
+def _triton_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    splits: Optional[int],
+    workspace_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student-only forward in the calling convention of `custom_ops`; saved = log-normalisers [1, N]."""
+    n, device = targets.shape[0], targets.device
+    logp = torch.zeros(n, device=device)
+    detached, lse = torch.zeros(1, n, device=device), torch.zeros(1, n, device=device)
+    rows = _valid_rows(targets, ignore_index)
+    if rows.numel():
+        logp[rows], detached[0, rows], lse[0, rows] = logprobs_forward(hidden, weight, rows, targets[rows],
+                                                                       temperature=temperature, splits=splits)
+    return logp, detached, lse
+
+
+@_triton_logprobs_forward.register_fake
+def _(hidden, weight, targets, temperature, ignore_index, splits, workspace_bytes):
+    return fake_logprobs_outputs(hidden, targets)
+
+
+@torch.library.custom_op("sdpo_fast::linear_logprobs_triton_backward", mutates_args=())
+def _triton_logprobs_backward(
+    grad_logp: Optional[torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    splits: Optional[int],
+    workspace_bytes: int,
+    need_h: bool,
+    need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student-only backward: the distill backward kernel with its divergence term (and teacher tile) off."""
+    grad_h = torch.zeros_like(hidden) if need_h else hidden.new_empty(0)
+    grad_w = torch.zeros_like(weight) if need_w else weight.new_empty(0)
+    rows = _valid_rows(targets, ignore_index)
+    if not rows.numel():
+        return grad_h, grad_w
+    zeros = lse.new_zeros(rows.numel())
+    row_stats = torch.stack([lse[0, rows], zeros, zeros, zeros, grad_logp[rows].float()])
+    # The teacher arguments are the student's own tensors: with has_div=False the kernel never reads them.
+    dh, dw = distill_backward(
+        hidden, hidden, weight, weight, rows, targets[rows], row_stats, alpha=1.0, temperature=temperature,
+        has_div=False, has_logp=True, need_h=need_h, need_w=need_w, workspace_bytes=workspace_bytes,
+    )
+    if need_h:
+        grad_h[rows] = dh.to(grad_h.dtype)
+    return grad_h, dw if need_w else grad_w
+
+
+@_triton_logprobs_backward.register_fake
+def _(grad_logp, hidden, weight, targets, lse, temperature, ignore_index, splits, workspace_bytes, need_h, need_w):
+    return fake_backward_outputs(hidden, weight, need_h, need_w)
+
+
+register_logprobs_autograd(_triton_logprobs_forward, _triton_logprobs_backward)
+
+
+def linear_logprobs_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    ignore_index: int,
+    splits: int | None = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> LogProbOutput:
+    """Fused-kernel `linear_logprobs`; arguments as `linear_logprobs`, `splits` / `workspace_bytes` as
+    `linear_distill_triton`."""
+    _check_triton_inputs(splits, hidden=hidden)
+    return logprobs_output(*_triton_logprobs_forward(
+        hidden.contiguous(), weight.contiguous(), targets, float(temperature), int(ignore_index), splits,
+        int(workspace_bytes),
     ))
