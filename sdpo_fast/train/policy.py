@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from sdpo_fast.distill import DistillOutput, linear_distill
+from sdpo_fast.distill import DistillOutput, LogProbOutput, linear_distill, linear_logprobs
 from sdpo_fast.scoring import PrefixKV, enable_prefix_attention, response_hidden_states
 
 
@@ -70,30 +70,32 @@ class Policy(nn.Module):
         return self.lm.generate(**kwargs)
 
     def forward(self, sequences: list[list[int]], starts: list[int], targets: torch.Tensor,
-                teacher: TeacherBatch | None, distill_kwargs: dict) -> DistillOutput:
-        """Score one micro-batch: student hidden states (with grad), teacher hidden states, fused op.
+                teacher: TeacherBatch | None, distill_kwargs: dict) -> DistillOutput | LogProbOutput:
+        """Score one micro-batch: student hidden states (with grad), then the fused op.
 
-        targets: [B, T] response tokens, -100 where there is nothing to score. Without a teacher the
-        divergence outputs are meaningless (the caller uses the student log-probs only).
+        targets: [B, T] response tokens, -100 where there is nothing to score. With a teacher:
+        `linear_distill` against the teacher hidden states; without one (GRPO): `linear_logprobs`.
         """
         length = targets.shape[1]
-        record = PrefixKV() if teacher is not None and self.reuse_prefix_kv and None in teacher.external else None
+        if teacher is None:
+            h_s = pad_rows(self.hidden(sequences, starts), length)
+            return linear_logprobs(h_s, self.head_weight(), targets, temperature=distill_kwargs["temperature"])
+        record = PrefixKV() if self.reuse_prefix_kv and None in teacher.external else None
         h_s = pad_rows(self.hidden(sequences, starts, record=record), length)
         h_t = self._teacher_hidden(teacher, h_s, record)
-        weight = None if teacher is None else teacher.weight
-        return linear_distill(h_s, h_t, self.head_weight(), targets, teacher_weight=weight, **distill_kwargs)
+        return linear_distill(h_s, h_t, self.head_weight(), targets, teacher_weight=teacher.weight,
+                              **distill_kwargs)
 
     @torch.no_grad()
-    def _teacher_hidden(self, teacher: TeacherBatch | None, h_s: torch.Tensor, record: PrefixKV | None):
-        if teacher is None or not teacher.rows:
-            width = h_s.shape[-1] if teacher is None or teacher.weight is None else teacher.weight.shape[1]
-            return h_s.new_zeros(*h_s.shape[:-1], width)
-        length = h_s.shape[1]
+    def _teacher_hidden(self, teacher: TeacherBatch, h_s: torch.Tensor, record: PrefixKV | None) -> torch.Tensor:
+        """[B, T, H_t] teacher hidden states; zeros on rows without a teacher sequence."""
+        width = h_s.shape[-1] if teacher.weight is None else teacher.weight.shape[1]
+        h_t = h_s.new_zeros(*h_s.shape[:-1], width)
+        if not teacher.rows:
+            return h_t
         parts = []
         for ext in teacher.external:
             rows = ext if ext is not None else self.hidden(teacher.sequences, teacher.starts, prefix_kv=record)
-            parts.append(pad_rows(rows, length))
-        combined = teacher.combine(parts)
-        h_t = combined.new_zeros(h_s.shape[0], length, combined.shape[-1])
-        h_t[teacher.rows] = combined
+            parts.append(pad_rows(rows, h_s.shape[1]))
+        h_t[teacher.rows] = teacher.combine(parts)
         return h_t

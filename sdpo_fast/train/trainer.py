@@ -118,6 +118,12 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train for `max_steps`, evaluating before and after; returns the final metrics."""
+        try:
+            return self._fit()
+        finally:
+            self.evaluator.close()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         if cfg.resume:
             self._resume()
@@ -153,7 +159,6 @@ class Trainer:
         if writer:
             writer.close()
             plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
-        self.evaluator.close()
         return summary
 
     # ----------------------------------------------------------------------------------------------------
@@ -243,14 +248,12 @@ class Trainer:
             starts = [len(prompts[i // G]) for i in rows]
             teacher = self._teacher_batch(ctx, teacher_index, rows, teacher_head) if self.teacher else None
             out = self.policy(seqs, starts, op_targets[rows], teacher, distill)
-            batch = TokenBatch(
-                mask=mask[rows].to(self.rt.device), student_logp=out.student_logp,
-                divergence=out.divergence if teacher is not None else None,
-                teacher_logp=out.teacher_logp if teacher is not None else None,
-                entropy=out.entropy,
-                sd_mask=ctx.mask[rows].to(self.rt.device) if ctx is not None else None,
-                advantages=advantages[rows].to(self.rt.device) if advantages is not None else None,
-            )
+            dev = self.rt.device
+            common = dict(advantages=advantages[rows].to(dev) if advantages is not None else None)
+            if teacher is None:
+                batch = TokenBatch(mask=mask[rows].to(dev), student_logp=out.logp, entropy=out.entropy, **common)
+            else:
+                batch = TokenBatch.from_distill(out, mask[rows].to(dev), sd_mask=ctx.mask[rows].to(dev), **common)
             loss = compute_loss(lcfg, agg, batch, metrics)
             loss.backward()
             total += float(loss.detach())
