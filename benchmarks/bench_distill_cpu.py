@@ -32,12 +32,17 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _child(impl: str, n: int, hidden: int, vocab: int, alpha: float, repeats: int, mem_limit: int, queue) -> None:
+def _child(impl: str, n: int, hidden: int, vocab: int, alpha: float, repeats: int, mem_limit: int,
+           chunk_elems: int | None, queue) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
     try:
         import torch
 
+        import sdpo_fast.distill.chunked as chunked
         from sdpo_fast import linear_distill
+
+        if chunk_elems:
+            chunked.DEFAULT_CHUNK_ELEMS = chunk_elems
 
         torch.manual_seed(0)
         hs = torch.randn(n, hidden) / hidden**0.25
@@ -46,6 +51,7 @@ def _child(impl: str, n: int, hidden: int, vocab: int, alpha: float, repeats: in
         wt = torch.randn(vocab, hidden) / hidden**0.5
         y = torch.randint(0, vocab, (n,))
         g_div, g_logp = torch.rand(n), torch.randn(n)
+        _touch_libraries(linear_distill, impl, hidden)  # BLAS/thread-pool start-up is not the op's memory
         base_rss = _rss_bytes()
         times = []
         for _ in range(repeats + 1):  # the first run is warm-up
@@ -63,12 +69,21 @@ def _child(impl: str, n: int, hidden: int, vocab: int, alpha: float, repeats: in
                    else str(exc)[:200]})
 
 
+def _touch_libraries(linear_distill, impl: str, hidden: int) -> None:
+    import torch
+
+    h = torch.randn(8, hidden, requires_grad=True)
+    w = torch.randn(64, hidden, requires_grad=True)
+    out = linear_distill(h, h.detach(), w, torch.zeros(8, dtype=torch.long), impl=impl)
+    (out.divergence.sum() + out.student_logp.sum()).backward()
+
+
 def measure(impl: str, n: int, args) -> dict:
     """Run one configuration in a fresh process and return its figures (or its error)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(impl, n, args.hidden, args.vocab, args.alpha, args.repeats,
-                                            int(args.mem_limit_gb * 2**30), queue))
+                                            int(args.mem_limit_gb * 2**30), args.chunk_elems, queue))
     proc.start()
     proc.join()
     return queue.get() if not queue.empty() else {"error": f"child exited with code {proc.exitcode}"}
@@ -91,6 +106,7 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["naive", "chunked"])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median)")
     parser.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space limit of each child")
+    parser.add_argument("--chunk-elems", type=int, default=None, help="chunked: elements of one [C, V] block")
     parser.add_argument("--out", type=Path, default=RESULTS / "distill_cpu.json")
     args = parser.parse_args()
 
@@ -99,7 +115,10 @@ def main() -> None:
     for n, impl in tqdm(configs, desc="linear_distill fwd+bwd", unit="run"):
         rows.append({"impl": impl, "n": n, **measure(impl, n, args)})
 
-    print(f"\nH={args.hidden} V={args.vocab} alpha={args.alpha} fp32, median of {args.repeats} after warm-up")
+    import sdpo_fast.distill.chunked as chunked
+
+    print(f"\nH={args.hidden} V={args.vocab} alpha={args.alpha} fp32, median of {args.repeats} after warm-up, "
+          f"chunk of {args.chunk_elems or chunked.DEFAULT_CHUNK_ELEMS} elements")
     print(f"{'N':>6} {'impl':>8} {'ms':>10} {'extra MB':>10} {'time/naive':>11} {'mem/naive':>10}")
     for row in rows:
         naive = next((r for r in rows if r["n"] == row["n"] and r["impl"] == "naive" and "ms" in r), None)
@@ -113,7 +132,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"date": date.today().isoformat(), "commit": _commit(), "machine": platform.processor() or
               platform.machine(), "cpus": mp.cpu_count(), "hidden": args.hidden, "vocab": args.vocab,
-              "alpha": args.alpha, "repeats": args.repeats, "rows": rows}
+              "alpha": args.alpha, "repeats": args.repeats, "chunk_elems": args.chunk_elems, "rows": rows}
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -20,11 +20,13 @@ from sdpo_fast.envs import BatchEvaluator, make_problems, task_env
 from sdpo_fast.models import load_model, load_tokenizer
 
 CONFIGS = [
+    ("arithmetic", {"digits": 2, "digits_b": 1, "ops": "+"}),
     ("arithmetic", {"digits": 2, "ops": "+"}),
     ("arithmetic", {"digits": 2, "ops": "+-"}),
     ("string", {}),
     ("string", {"ops": "length,upper,first_last,double"}),
     ("code", {}),
+    ("code", {"ops": "reverse,count_vowels,sort,drop_vowels,double"}),
 ]
 
 
@@ -52,13 +54,14 @@ def main() -> None:
                         help="response length cap (default: 48 for direct answers, 80 for code)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--only", default="", help="tasks to measure, separated by ';'")
-    parser.add_argument("--out", default="benchmarks/results/tasks_smollm2.json")
+    parser.add_argument("--out", default="benchmarks/results/tasks_smollm2.json",
+                        help="JSON file; rows of configurations measured again replace the old ones")
     args = parser.parse_args()
     torch.manual_seed(0)
     tokenizer, model = load_tokenizer("smollm2-135m"), load_model("smollm2-135m").eval()
     rows = []
     for task, knobs in CONFIGS:
-        if args.only and f"{task}{knobs}" not in args.only.split(";") and task not in args.only.split(";"):
+        if args.only and f"{task}{json.dumps(knobs)}" not in args.only.split(";") and task not in args.only.split(";"):
             continue
         start = time.perf_counter()
         problems = make_problems(task, "heldout", args.n, seed=0, **knobs)
@@ -87,8 +90,12 @@ def main() -> None:
               f"  (mean reward {row['sampled_mean_reward']:.3f}, format errors greedy "
               f"{row['greedy_format_errors']:.2f} / sampled {row['sampled_format_errors']:.2f}) "
               f"{row['seconds']} s", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() else []
+    measured = {(r["task"], json.dumps(r["knobs"])) for r in rows}
+    rows = [r for r in old if (r["task"], json.dumps(r["knobs"])) not in measured] + rows
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(rows, indent=2))
     tmp.replace(args.out)
 

@@ -4,7 +4,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from sdpo_fast.envs import Evaluation
+from sdpo_fast.envs import Evaluation, Sandbox
+
+DAEMON = ("import os\nif os.fork() == 0:\n    os.setsid()\n    os.execv('/bin/sleep', ['sleep', '{marker}'])\n"
+          "print('started')\n")
 
 
 @dataclass(frozen=True)
@@ -21,4 +24,8 @@ class ScriptedEnv:
             raise RuntimeError("broken evaluator")
         if action == "wrong type":
             return 1.0
+        if action == "daemon then hang":  # a sandboxed daemon is running when the worker is stopped
+            with Sandbox(DAEMON.format(marker=problem["marker"])) as box:
+                box.communicate("")
+                time.sleep(600)
         return Evaluation(problem["x"] / 10, f"saw {response}", {"pid": os.getpid()})

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import uuid
 
 import pytest
 
@@ -26,6 +27,22 @@ def test_results_in_order_and_failures_isolated():
     assert "not Evaluation" in results[5].details["error"]
     assert again[0].reward == pytest.approx(0.8)
     assert results[0].details["pid"] != os.getpid()  # evaluated in a worker
+
+
+def test_processes_of_a_stopped_worker_are_killed():
+    marker = f"{os.getpid() % 1000}.{uuid.uuid4().int % 10**6}"
+    with BatchEvaluator(ScriptedEnv(), workers=1, timeout_s=3.0) as evaluator:
+        result, = evaluator.evaluate([{"x": 1, "do": "daemon then hang", "marker": marker}], ["r"])
+    assert "timed out" in result.details["error"]
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith(marker)]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
 
 
 def test_code_batch_is_deterministic():

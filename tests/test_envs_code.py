@@ -115,7 +115,10 @@ def test_hostile_functional_solutions_get_no_reward(name, source):
 
 def test_hostile_feedback_is_clear():
     exited = ENV.evaluate(FUNC, block("import sys\nsys.exit(0)"))
-    assert "SystemExit" in exited.feedback and "(loading the program)" in exited.feedback
+    assert "SystemExit" in exited.feedback and "failed before running any test" in exited.feedback
+    syntax = ENV.evaluate(FUNC, block("def add(a, b):\n    return (a + b]"))
+    assert syntax.feedback.splitlines()[2] == "Syntax Error" and 'File "solution.py", line 2' in syntax.feedback
+    assert "<string>" not in syntax.feedback and "Traceback" not in syntax.feedback
     fake = ENV.evaluate(FUNC, block("class Any:\n    def __eq__(self, o):\n        return True\n"
                                     "def add(a, b):\n    return Any()"))
     assert "not plain data" in fake.feedback

@@ -65,6 +65,10 @@ def test_bad_arguments():
         make_problems("string", "train", 1, ops="rot13")
     with pytest.raises(ValueError, match="too few"):
         make_problems("arithmetic", "heldout", 64, digits=1, ops="+")
+    with pytest.raises(ValueError, match="digits_b"):
+        make_problems("arithmetic", "train", 1, digits=2, digits_b=12)
+    mixed = make_problems("arithmetic", "train", 20, digits=2, digits_b=1, ops="+")
+    assert all(len(p["prompt"].split()[4].rstrip("?")) == 1 for p in mixed)
     with pytest.raises(ValueError, match="feedback"):
         AnswerEnv("everything")
     assert set(STRING_OPS) >= {"reverse", "length"}

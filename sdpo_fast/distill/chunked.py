@@ -28,8 +28,9 @@ from sdpo_fast.distill.formulas import TAIL_LOG_MASS_MAX, divergence, mixture_lo
 from sdpo_fast.distill.output import DistillOutput, LogProbOutput
 
 # Elements of one [C, V] working block: C = max(1, DEFAULT_CHUNK_ELEMS // V) rows per chunk. About
-# five such blocks are alive at once in backward: ~160 MB in float32 at this setting.
-DEFAULT_CHUNK_ELEMS = 1 << 23
+# five such blocks are alive at once in backward: ~640 MB in float32 at this setting. Smaller blocks
+# save memory but the LM-head GEMMs get slow on few rows (CPU, V=151936: 1 << 24 took 1.4x the time).
+DEFAULT_CHUNK_ELEMS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ def _logp_block(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, 
 
     Pass the saved `lse` to skip the reduction when recomputing in backward.
     """
-    logits = (hidden @ weight.T).to(dtype).mul_(1.0 / temperature)
+    logits = (hidden @ weight.T).to(dtype)
+    if temperature != 1.0:
+        logits.mul_(1.0 / temperature)
     if lse is None:
         lse = logits.logsumexp(-1)
     return logits.sub_(lse.unsqueeze(-1)), lse
@@ -98,18 +101,22 @@ def _forward_divergence(logp_s, logp_t, p, support, opts: _Options):
     return (1.0 - opts.alpha) * kl_sm + opts.alpha * kl_tm, kl_sm
 
 
-def _divergence_grad(logp_s, logp_t, p, kl, support, opts: _Options) -> torch.Tensor:
-    """d(divergence)/d(student logits / temperature) of one chunk, in a fresh block (reuses logp_t)."""
+def _divergence_grad(logp_s, logp_t, p, kl, support, opts: _Options, grad_div: torch.Tensor) -> torch.Tensor:
+    """grad_div * d(divergence)/d(student logits / temperature) of one chunk, in a fresh block (reuses logp_t).
+
+    grad_div: [C, 1] upstream gradient; row scalars (it, 1 - alpha) are folded into one multiply.
+    """
     if support is not None:  # d logp_s[j] / d logit[i] = delta_ij - p_i
-        g_small = _topk_divergence_grad(logp_s.gather(-1, support), logp_t.gather(-1, support), opts)
+        g_small = _topk_divergence_grad(logp_s.gather(-1, support), logp_t.gather(-1, support), opts) * grad_div
         return torch.zeros_like(p).scatter_(-1, support, g_small).sub_(p * g_small.sum(-1, keepdim=True))
     if opts.alpha == 0.0:  # p - q
-        return logp_t.exp_().neg_().add_(p)
+        return logp_t.exp_().neg_().add_(p).mul_(grad_div)
     kl = kl.unsqueeze(-1)
     if opts.alpha == 1.0:  # p (log p - log q - KL(p||q))
-        return logp_t.neg_().add_(logp_s).sub_(kl).mul_(p)
+        return logp_t.neg_().add_(logp_s).sub_(kl).mul_(p).mul_(grad_div)
     # (1 - alpha) p (log p - log M - KL(p||M))
-    return mixture_logp(logp_s, logp_t, opts.alpha).neg_().add_(logp_s).sub_(kl).mul_(p).mul_(1.0 - opts.alpha)
+    logp_m = mixture_logp(logp_s, logp_t, opts.alpha)
+    return logp_m.neg_().add_(logp_s).sub_(kl).mul_(p).mul_(grad_div * (1.0 - opts.alpha))
 
 
 @torch.library.custom_op("sdpo_fast::linear_distill_chunked", mutates_args=())
@@ -197,8 +204,7 @@ def _chunked_backward(
         if grad_div is not None:
             logp_t, _ = _logp_block(teacher_hidden[r], teacher_weight, opts.temperature, dtype, lse_t)
             support = supports[r] if topk is not None else None
-            grad_logits = _divergence_grad(logp_s, logp_t, p, kl, support, opts)
-            grad_logits.mul_(grad_div[r].to(dtype).unsqueeze(-1))
+            grad_logits = _divergence_grad(logp_s, logp_t, p, kl, support, opts, grad_div[r].to(dtype).unsqueeze(-1))
             del logp_t
         else:
             grad_logits = torch.zeros_like(p)
@@ -222,7 +228,9 @@ def _apply_grad_logits(grad_logits: torch.Tensor, h: torch.Tensor, r: torch.Tens
 
     Writes grad_h[r] and adds to grad_w (float accumulators; None when that gradient is not needed).
     """
-    grad_logits = grad_logits.mul_(1.0 / temperature).to(weight.dtype)
+    if temperature != 1.0:
+        grad_logits.mul_(1.0 / temperature)
+    grad_logits = grad_logits.to(weight.dtype)
     if grad_h is not None:
         grad_h[r] = (grad_logits @ weight).to(grad_h.dtype)
     if grad_w is not None:  # in place: no [V, H] temporary per chunk
@@ -253,13 +261,13 @@ def linear_distill_chunked(
     topk: int | None,
     add_tail: bool,
     ignore_index: int,
-    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    chunk_elems: int | None = None,
 ) -> DistillOutput:
     """Bounded-memory `linear_distill` (see the module docstring); arguments as `linear_distill`.
 
     `chunk_elems` bounds one working block: rows per chunk = max(1, chunk_elems // V).
     """
-    chunk_rows = max(1, chunk_elems // weight.shape[0])
+    chunk_rows = max(1, (chunk_elems or DEFAULT_CHUNK_ELEMS) // weight.shape[0])
     return distill_output(*_chunked_forward(
         student_hidden, teacher_hidden.detach(), weight, teacher_weight.detach(), targets,
         float(alpha), float(temperature), topk, bool(add_tail), int(ignore_index), chunk_rows,
@@ -342,13 +350,13 @@ def linear_logprobs_chunked(
     *,
     temperature: float,
     ignore_index: int,
-    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    chunk_elems: int | None = None,
 ) -> LogProbOutput:
     """Bounded-memory `linear_logprobs` (see the module docstring); arguments as `linear_logprobs`.
 
     `chunk_elems` bounds one working block: rows per chunk = max(1, chunk_elems // V).
     """
-    chunk_rows = max(1, chunk_elems // weight.shape[0])
+    chunk_rows = max(1, (chunk_elems or DEFAULT_CHUNK_ELEMS) // weight.shape[0])
     return logprobs_output(*_chunked_logprobs_forward(
         hidden, weight, targets, float(temperature), int(ignore_index), chunk_rows,
     ))

@@ -33,8 +33,12 @@ def divergence(logp_s: torch.Tensor, logp_t: torch.Tensor, alpha: float) -> torc
 
 
 def mixture_logp(logp_s: torch.Tensor, logp_t: torch.Tensor, alpha: float) -> torch.Tensor:
-    """log((1 - alpha) p_S + alpha p_T), computed in log space for 0 < alpha < 1."""
-    return torch.logaddexp(logp_s + math.log1p(-alpha), logp_t + math.log(alpha))
+    """log((1 - alpha) p_S + alpha p_T), computed in log space for 0 < alpha < 1.
+
+    As log(1 - alpha) + logaddexp(log p_S, log p_T + log(alpha / (1 - alpha))): one temporary fewer
+    than shifting both sides (this runs on [chunk, V] blocks).
+    """
+    return torch.logaddexp(logp_s, logp_t + (math.log(alpha) - math.log1p(-alpha))).add_(math.log1p(-alpha))
 
 
 def topk_support(

@@ -4,7 +4,7 @@ An environment is any picklable object with `evaluate(problem: dict, response: s
 (reward in [0, 1], feedback text, details for logging). `BatchEvaluator` runs a batch in a pool of worker
 processes with a timeout per item; an item whose evaluation raises, hangs past the timeout or kills its
 worker gets reward 0 and an `"error"` in its details, and the rest of the batch (and the caller) carry
-on. Results come back in input order and do not depend on scheduling.
+on; sandboxed processes a stopped worker leaves behind are killed (`sweep_abandoned_slots`). Results come back in input order and do not depend on scheduling.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 from pebble import ProcessExpired, ProcessPool
 
 from sdpo_fast.envs.outcome import Evaluation
+from sdpo_fast.envs.sandbox import sweep_abandoned_slots
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ class BatchEvaluator:
             raise ValueError(f"got {len(problems)} problems but {len(responses)} responses")
         futures = [self._pool.schedule(_evaluate_one, (self.env, p, r), timeout=self.timeout_s)
                    for p, r in zip(problems, responses)]
-        return [self._collect(i, f) for i, f in enumerate(futures)]
+        results = [self._collect(i, f) for i, f in enumerate(futures)]
+        if any("error" in r.details for r in results):
+            sweep_abandoned_slots()  # a stopped worker may have left sandboxed processes behind
+        return results
 
     def _collect(self, index: int, future) -> Evaluation:
         try:
@@ -66,8 +70,10 @@ class BatchEvaluator:
         return Evaluation(0.0, feedback, {"error": error})
 
     def close(self) -> None:
+        """Stop the workers and kill whatever sandboxed processes they left."""
         self._pool.stop()
         self._pool.join()
+        sweep_abandoned_slots()
 
     def __enter__(self) -> BatchEvaluator:
         return self

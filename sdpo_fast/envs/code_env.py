@@ -110,7 +110,7 @@ def extract_code(response: str) -> str | None:
 def run_stdio_test(code: str, test: dict, limits: Limits) -> tuple[TestOutcome, tuple[str, ...]]:
     """Run `code` on the test's input in a fresh sandbox and judge its stdout."""
     run, isolation = run_stdio(code, test["input"], limits)
-    shown = test["input"]
+    shown = test["input"] or "(empty input)"
     if run.output_exceeded:
         return TestOutcome(OUTPUT_LIMIT, shown, error="the program printed too much"), isolation
     if run.timed_out:
@@ -161,7 +161,9 @@ def code_feedback(outcomes: list[TestOutcome], max_chars: int = 2000) -> str:
 
 
 def _describe(o: TestOutcome) -> str:
-    lines = [_TITLES[o.verdict]]
+    last_line = (o.error.strip().splitlines() or [""])[-1]
+    syntax = o.verdict == RUNTIME_ERROR and last_line.startswith(("SyntaxError", "IndentationError", "TabError"))
+    lines = ["Syntax Error" if syntax else _TITLES[o.verdict]]
     if o.verdict == WRONG_ANSWER:
         if o.error:
             lines += ["Failed check:", _clip(o.error)]
@@ -171,7 +173,10 @@ def _describe(o: TestOutcome) -> str:
     else:
         if o.verdict == RUNTIME_ERROR:
             lines.append(_clip(o.error, 800))
-        lines += ["Last executed input:", _clip(o.input)]
+        if o.input:
+            lines += ["Last executed input:", _clip(o.input)]
+        else:
+            lines.append("(The program failed before running any test.)")
     return "\n".join(lines)
 
 

@@ -76,9 +76,9 @@ def judge_case(code: str, entry_point: str, case: FunctionalCase, test_setup: st
     with Sandbox(code, "call", entry_point, limits) as box:
         proxy = _Proxy(box, entry_point)
         try:
-            status, text = _reply_or_end(box, None, "(loading the program)")
-            if status == "error":
-                return TestOutcome(RUNTIME_ERROR, "(loading the program)", error=text), box.isolation
+            status, text = _reply_or_end(box, None, "")
+            if status == "error":  # no input: the program failed before any test
+                return TestOutcome(RUNTIME_ERROR, "", error=text), box.isolation
             namespace = {"__name__": "__judge__", "_sdpo_assert_equal": _assert_equal}
             exec(_compiled(test_setup or "pass"), namespace)
             namespace[proxy.name] = namespace[case.param] = proxy

@@ -100,7 +100,7 @@ class Sandbox:
 
     Use as a context manager: "stdio" mode through `communicate(stdin)`; "call" mode through `call(...)`,
     first `call(None)` (the load status), then once per function call. Leaving the context kills every
-    process the run started. `support` is for probing only; by default `support()` is used.
+    process the run started. `support` is for probing only; by default `isolation_support()` is used.
     """
 
     def __init__(self, source: str, mode: str = "stdio", entry: str | None = None,
@@ -143,6 +143,9 @@ class Sandbox:
                 start_new_session=True, preexec_fn=jail, pass_fds=child_fds)
         except (OSError, subprocess.SubprocessError) as exc:
             self._remove_workdir()
+            if self.mode == "call":
+                os.close(self._req_w)
+                os.close(self._rep_r)
             raise SandboxUnavailable(f"could not start the sandboxed process: {exc}") from exc
         finally:
             for fd in child_fds:
@@ -555,6 +558,28 @@ def _claim_uid() -> int:
         _claimed[os.getpid()] = (fd, uid)
         return uid
     raise SandboxUnavailable(f"all {UID_SLOTS} sandbox uid slots in {_SLOT_DIR} are in use")
+
+
+def sweep_abandoned_slots() -> int:
+    """Kill what is left under the uid of every slot whose evaluator process died (its lock is free),
+    e.g. a worker stopped by a timeout in the middle of a run. Returns how many slots were swept."""
+    if os.geteuid() != 0 or not _SLOT_DIR.is_dir():
+        return 0
+    swept = 0
+    for path in _SLOT_DIR.iterdir():
+        if not path.name.isdigit():
+            continue
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live evaluator holds it
+        else:
+            _sweep_uid(UID_BASE + int(path.name))
+            swept += 1
+        finally:
+            os.close(fd)
+    return swept
 
 
 def _pids_of_uid(uid: int) -> list[int]:

@@ -81,11 +81,11 @@ def decode(data):
 
 
 def short_traceback(exc):
-    """The traceback of `exc` limited to frames in the solution (all frames if none is), then the error."""
+    """The traceback of `exc` limited to frames in the solution, then the error (a syntax error names
+    its own line), so the runner's frames never show."""
     frames = traceback.extract_tb(exc.__traceback__)
     own = [f for f in frames if os.path.basename(f.filename) == SOLUTION]
-    lines = ["Traceback (most recent call last):\n"]
-    lines += traceback.format_list(own or frames[-1:])
+    lines = ["Traceback (most recent call last):\n"] + traceback.format_list(own) if own else []
     lines += traceback.format_exception_only(type(exc), exc)
     text = "".join(lines)
     if len(text) > MAX_TRACEBACK_CHARS:

@@ -1,6 +1,7 @@
 """Built-in tasks small enough for a CPU demo, generated deterministically, with programmatic feedback.
 
-- "arithmetic": `a op b` with `digits`-digit operands (knobs: `digits`, `ops`). Answered directly.
+- "arithmetic": `a op b` with a `digits`-digit `a` and a `digits_b`-digit `b` (default: `digits`), op
+  from `ops`. Answered directly.
 - "string": one operation on a short word (reverse, length, count a letter, sort, drop vowels, ...),
   answered directly (knob: `ops`, `word_len`).
 - "code": write a short Python string function (same operations), judged by `CodeEnv` with
@@ -161,14 +162,19 @@ def _place(position: int) -> str:
     return names.get(position, f"10^{position - 1}")
 
 
-def _arithmetic(rng: random.Random, digits: int = 2, ops: str = "+-") -> dict:
-    if not 1 <= digits <= 9 or not ops or set(ops) - set("+-*"):
-        raise ValueError(f"arithmetic needs 1 <= digits <= 9 and ops from '+-*', got {digits}, {ops!r}")
-    low, high = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
-    a, b, op = rng.randint(low, high), rng.randint(low, high), rng.choice(ops)
+def _arithmetic(rng: random.Random, digits: int = 2, ops: str = "+-", digits_b: int = 0) -> dict:
+    digits_b = digits_b or digits
+    if not (1 <= digits <= 9 and 1 <= digits_b <= 9) or not ops or set(ops) - set("+-*"):
+        raise ValueError(f"arithmetic needs 1 <= digits, digits_b <= 9 and ops from '+-*', "
+                         f"got {digits}, {digits_b}, {ops!r}")
+    a, b, op = _number(rng, digits), _number(rng, digits_b), rng.choice(ops)
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
     prompt = f"What is {a} {op} {b}? End your reply with a line 'Answer: <number>'."
     return {"prompt": prompt, "answer": str(value), "kind": "number", "task": "arithmetic"}
+
+
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1)
 
 
 def _string_task(rng: random.Random, ops: str = "reverse,length,count_vowels,upper,first_last,sort,"
