@@ -46,15 +46,17 @@ class Task:
 def load_task(spec: str, *, seed: int = 0, train_size: int = 2000, heldout_size: int = 200,
               options: dict | None = None) -> Task:
     """A task by name: a built-in task ("arithmetic", "string", "code"), "humaneval", or "code:FILE.jsonl" /
-    "math:FILE.jsonl". Built-in tasks take generator knobs in `options` (e.g. {"digits": 2}); files and
+    "math:FILE.jsonl". Built-in tasks take generator knobs in `options` (e.g. {"digits": 2}) and give up to
+    `train_size` / `heldout_size` problems (fewer when fewer exist; batches cycle in epochs); files and
     HumanEval are split into train / held-out by a stable hash of each prompt (1 in 5 held out).
     """
     # Command-line knobs arrive as strings: "3" -> 3, "+-" stays text.
     options = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in (options or {}).items()}
     feedback = options.pop("feedback", "hint")
     if spec in BUILTIN_TASKS:
-        return Task(spec, make_problems(spec, "train", train_size, seed, **options),
-                    make_problems(spec, "heldout", heldout_size, seed, **options), task_env(spec, feedback))
+        return Task(spec, make_problems(spec, "train", train_size, seed, at_most=True, **options),
+                    make_problems(spec, "heldout", heldout_size, seed, at_most=True, **options),
+                    task_env(spec, feedback))
     if options:
         raise ValueError(f"task options {sorted(options)} apply to built-in tasks only, not {spec!r}")
     if spec == "humaneval":
