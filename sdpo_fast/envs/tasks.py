@@ -63,8 +63,11 @@ STRING_OPS = {
 }
 
 
-def make_problems(task: str, split: str, n: int, seed: int = 0, **knobs) -> list[dict]:
-    """`n` distinct problems of `task` from `split` ("train" or "heldout"), the same for the same args."""
+def make_problems(task: str, split: str, n: int, seed: int = 0, at_most: bool = False, **knobs) -> list[dict]:
+    """`n` distinct problems of `task` from `split` ("train" or "heldout"), the same for the same args.
+
+    With `at_most`, a task with fewer distinct problems gives all it has (at least one) instead of an error.
+    """
     if task not in _GENERATORS:
         raise ValueError(f"task must be one of {sorted(_GENERATORS)}, got {task!r}")
     if split not in SPLITS:
@@ -80,6 +83,8 @@ def make_problems(task: str, split: str, n: int, seed: int = 0, **knobs) -> list
         if problem["prompt"] not in seen and split_of(problem["prompt"]) == split:
             seen.add(problem["prompt"])
             problems.append(problem)
+    if at_most and problems:
+        return problems
     raise ValueError(f"cannot draw {n} distinct {split} problems of {task!r} with {knobs}: too few exist")
 
 

@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 
 # Curves the end-of-run plot shows first (when present), one panel each, in this order.
 PLOT_KEYS = (
-    "reward/mean", "eval/accuracy", "loss", "sdpo/divergence", "advantage/mean", "entropy",
-    "response/length_mean", "response/truncated_frac", "throughput/tokens_per_s", "time/step_s",
+    "reward/mean", "eval/accuracy", "loss", "loss/divergence/mean", "loss/sdpo_advantage/mean",
+    "loss/advantage/mean", "loss/entropy/mean", "response/length_mean", "response/truncated_frac",
+    "throughput/tokens_per_s", "time/step_s",
 )
 
 

@@ -63,21 +63,23 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def shard_model(model: nn.Module, runtime: Runtime, *, mixed_precision: bool = False,
+def shard_model(root: nn.Module, lm: nn.Module, runtime: Runtime, *, mixed_precision: bool = False,
                 activation_checkpointing: bool = False) -> nn.Module:
-    """Apply activation checkpointing and FSDP2 to `model` in place and return it.
+    """Apply activation checkpointing and FSDP2 in place: each decoder layer of `lm`, then `root`.
 
-    mixed_precision (GPU): parameters gathered in bf16, gradients reduced in fp32.
+    `root` is the module whose forward (and registered forward methods) use the root-group weights
+    (embeddings, final norm, LM head); it contains `lm`. mixed_precision (GPU): parameters gathered in
+    bf16, gradients reduced in fp32.
     """
-    layers = decoder_layers(model)
+    layers = decoder_layers(lm)
     if activation_checkpointing:
         for i, layer in enumerate(layers):
             layers[i] = checkpoint_wrapper(layer)
     if runtime.mesh is None:
-        return model
+        return root
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
     kwargs = {"mesh": runtime.mesh, **({"mp_policy": mp} if mp is not None else {})}
     for layer in layers:
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
+    fully_shard(root, **kwargs)
+    return root

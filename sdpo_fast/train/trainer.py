@@ -1,0 +1,387 @@
+"""The training loop: rollouts -> environment -> teacher contexts -> shared-prefix scoring + fused loss ->
+AdamW -> teacher update, with held-out evaluation, metrics, checkpoints and a Hugging Face export.
+
+One process runs unsharded; under torchrun every rank takes its share of the step's prompts and the
+model is sharded with FSDP2 (see `parallel.py`). Phases are timed (generate / evaluate / score /
+update) and logged with the practitioner's metrics every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+from tqdm import tqdm
+
+from sdpo_fast.algorithm import Aggregator, LossConfig, RepromptConfig, Teacher, TokenBatch, build_teacher_contexts
+from sdpo_fast.algorithm import compute_loss, grpo_advantages
+from sdpo_fast.algorithm.metrics import Metrics
+from sdpo_fast.envs import BatchEvaluator
+from sdpo_fast.models import load_model, load_tokenizer
+from sdpo_fast.rollout import SamplingConfig, generate
+from sdpo_fast.train import checkpoint
+from sdpo_fast.train.config import TrainConfig
+from sdpo_fast.train.data import Task, load_task
+from sdpo_fast.train.evaluate import eos_ids, heldout_correct, prompt_ids
+from sdpo_fast.train.metrics import MetricsWriter, plot_metrics
+from sdpo_fast.train.parallel import Runtime, init_runtime, shard_model
+from sdpo_fast.train.policy import Policy, TeacherBatch
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+def loss_config(cfg: TrainConfig) -> LossConfig:
+    """The algorithm layer's LossConfig for a training config."""
+    mode = {"grpo": "grpo", "blend": "blend"}.get(cfg.algorithm)
+    if mode is None:
+        mode = "sdpo" if cfg.loss.full_logit_distillation else "sdpo_token"
+    lo = cfg.loss
+    return LossConfig(mode=mode, alpha=lo.alpha, topk=lo.topk, add_tail=lo.add_tail, is_clip=lo.is_clip,
+                      eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip,
+                      blend_lambda=lo.blend_lambda, adv_clip=lo.adv_clip, agg_mode=lo.agg_mode)
+
+
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    """A detached, unsharded copy of a (possibly FSDP2-sharded) parameter."""
+    from torch.distributed.tensor import DTensor
+
+    weight = weight.detach()
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
+class Trainer:
+    """One training run of `cfg` (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rt: Runtime = init_runtime(cfg.device)
+        if cfg.prompts_per_step % self.rt.world_size:
+            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size "
+                             f"{self.rt.world_size}")
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        _seed_everything(cfg.seed + self.rt.rank)
+        self.loss_cfg = loss_config(cfg)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.task: Task = load_task(cfg.task, seed=cfg.seed, heldout_size=max(cfg.eval.problems, 1),
+                                    options=cfg.task_options)
+        self.sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p)
+        self.reprompt = RepromptConfig(**asdict(cfg.reprompt))
+        self.eos = eos_ids(self.tokenizer)
+
+        lm = load_model(cfg.model, seed=cfg.seed).to(self.rt.device)
+        teacher_lm = None
+        if self.loss_cfg.uses_teacher and cfg.teacher != "live":
+            teacher_lm = copy.deepcopy(lm)  # before sharding, so both shard alike
+        self.policy = self._wrap(lm, reuse_kv=not cfg.activation_checkpointing)
+        self.teacher_policy = self._wrap(teacher_lm, reuse_kv=False) if teacher_lm is not None else None
+        self.teacher = (Teacher(cfg.teacher, self.policy.lm, tau=cfg.tau,
+                                model=self.teacher_policy.lm if self.teacher_policy else None)
+                        if self.loss_cfg.uses_teacher else None)
+
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=o.lr,
+                                           betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)) if o.warmup_steps else 1.0)
+        self.evaluator = BatchEvaluator(self.task.env, workers=cfg.env_workers, timeout_s=cfg.env_timeout_s)
+        self.step = 0
+
+    def _wrap(self, lm, reuse_kv: bool) -> Policy:
+        policy = Policy(lm, share_prefix=self.cfg.share_prefix, reuse_prefix_kv=reuse_kv)
+        shard_model(policy, lm, self.rt, mixed_precision=self.cfg.mixed_precision,
+                    activation_checkpointing=self.cfg.activation_checkpointing)
+        if self.rt.mesh is not None:
+            for method in ("generate", "hidden"):
+                register_fsdp_forward_method(policy, method)
+        return policy
+
+    # ----------------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train for `max_steps`, evaluating before and after; returns the final metrics."""
+        try:
+            return self._fit()
+        finally:
+            self.evaluator.close()
+
+    def _fit(self) -> dict:
+        cfg = self.cfg
+        if cfg.resume:
+            self._resume()
+        elif self.rt.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
+        self._barrier()
+        writer = MetricsWriter(self.out / "metrics.jsonl", tensorboard_dir=self.out / "tensorboard",
+                               resume_step=self.step if cfg.resume else None) if self.rt.is_main else None
+        summary: dict = {}
+        if self.step == 0:
+            summary["eval/accuracy_before"] = acc = self.evaluate()
+            if writer:
+                writer.log(0, {"eval/accuracy": acc})
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algorithm} on {cfg.task}",
+                   disable=not self.rt.is_main, unit="step", dynamic_ncols=True)
+        while self.step < cfg.max_steps:
+            self.step += 1
+            metrics = self.train_step()
+            last = self.step == cfg.max_steps
+            if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
+                metrics["eval/accuracy"] = self.evaluate()
+            if writer:
+                writer.log(self.step, metrics)
+            if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                self.save()
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics['loss']:.3f}",
+                            **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
+            bar.update(1)
+            summary.update(metrics)
+        bar.close()
+        self.export()
+        if writer:
+            writer.close()
+            plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
+        return summary
+
+    # ----------------------------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One optimizer step on this rank's share of the step's prompts; returns the step's metrics."""
+        cfg, G = self.cfg, self.cfg.rollouts_per_prompt
+        t0 = time.perf_counter()
+        per_rank = cfg.prompts_per_step // self.rt.world_size
+        problems = self.task.batch(self.step, cfg.prompts_per_step, cfg.seed)
+        problems = problems[self.rt.rank * per_rank:(self.rt.rank + 1) * per_rank]
+        messages = [self.task.messages(p) for p in problems]
+        prompts = [self._prompt_ids(m) for m in messages]
+        rollouts = generate(self.policy, prompts, G, self.sampling, eos_token_ids=self.eos,
+                            pad_token_id=self.tokenizer.pad_token_id, batch_size=cfg.generation_batch_size)
+        _reshard(self.policy)
+        t_gen = time.perf_counter()
+
+        texts = self.tokenizer.batch_decode(rollouts.responses, skip_special_tokens=True)
+        evals = self.evaluator.evaluate([problems[i // G] for i in range(len(texts))], texts)
+        rewards = [e.reward for e in evals]
+        t_env = time.perf_counter()
+
+        loss_metrics, loss_value = self._score_and_backward(messages, prompts, rollouts.responses, rewards,
+                                                            [e.feedback for e in evals])
+        t_score = time.perf_counter()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.teacher is not None:
+            self.teacher.after_step()
+        t_end = time.perf_counter()
+
+        lengths = [len(r) for r in rollouts.responses]
+        tokens = sum(lengths) + sum(len(prompts[i // G]) for i in range(len(lengths)))
+        local = {
+            "reward/mean": float(np.mean(rewards)),
+            "reward/success_frac": float(np.mean([r >= cfg.reprompt.success_reward_threshold for r in rewards])),
+            "response/length_mean": float(np.mean(lengths)),
+            "response/truncated_frac": float(np.mean(rollouts.truncated)),
+            "loss": loss_value,
+            **loss_metrics,
+        }
+        metrics = self._mean_over_ranks(local)
+        metrics.update({
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            "throughput/tokens_per_s": self._sum_over_ranks(tokens) / (t_end - t0),
+            "time/generate_s": t_gen - t0,
+            "time/evaluate_s": t_env - t_gen,
+            "time/score_s": t_score - t_env,
+            "time/update_s": t_end - t_score,
+            "time/step_s": t_end - t0,
+        })
+        return metrics
+
+    def _score_and_backward(self, messages, prompts, responses, rewards, feedback) -> tuple[dict, float]:
+        """Teacher contexts, micro-batched scoring with the fused op, and backward; returns (metrics, loss)."""
+        cfg, G, lcfg = self.cfg, self.cfg.rollouts_per_prompt, self.loss_cfg
+        n = len(responses)
+        groups = [self.rt.rank * 1_000_000 + i // G for i in range(n)]
+        width = max(len(r) for r in responses)
+        targets = torch.full((n, width), IGNORE, dtype=torch.long)
+        for i, r in enumerate(responses):
+            targets[i, : len(r)] = torch.tensor(r)
+        response_mask = targets != IGNORE
+
+        ctx, extra = None, {}
+        if self.teacher is not None:
+            ctx = build_teacher_contexts(self.tokenizer, [messages[i // G] for i in range(n)], responses, rewards,
+                                         groups, feedback, self.reprompt)
+            extra = ctx.metrics()
+        mask = lcfg.loss_mask(response_mask, ctx.mask if ctx is not None else None)
+        group = dist.group.WORLD if self.rt.world_size > 1 else None
+        agg = Aggregator.for_batch(mask, lcfg.agg_mode, norm_length=cfg.sampling.max_new_tokens, process_group=group)
+        advantages = (grpo_advantages(rewards, groups, norm_by_std=cfg.loss.grpo_norm_by_std)
+                      if lcfg.mode in ("grpo", "blend") else None)
+        op_targets = torch.where(mask, targets, IGNORE).to(self.rt.device)
+        distill = dict(temperature=cfg.sampling.temperature, **lcfg.distill_kwargs())
+        teacher_head = self._teacher_head()
+        teacher_index = {row: k for k, row in enumerate(ctx.rows)} if ctx is not None else {}
+
+        metrics, total = Metrics(), 0.0
+        for lo in range(0, n, cfg.micro_batch_size):
+            rows = list(range(lo, min(n, lo + cfg.micro_batch_size)))
+            seqs = [prompts[i // G] + responses[i] for i in rows]
+            starts = [len(prompts[i // G]) for i in rows]
+            teacher = self._teacher_batch(ctx, teacher_index, rows, teacher_head) if self.teacher else None
+            out = self.policy(seqs, starts, op_targets[rows], teacher, distill)
+            dev = self.rt.device
+            common = dict(advantages=advantages[rows].to(dev) if advantages is not None else None)
+            if teacher is None:
+                batch = TokenBatch(mask=mask[rows].to(dev), student_logp=out.logp, entropy=out.entropy, **common)
+            else:
+                batch = TokenBatch.from_distill(out, mask[rows].to(dev), sd_mask=ctx.mask[rows].to(dev), **common)
+            loss = compute_loss(lcfg, agg, batch, metrics)
+            loss.backward()
+            total += float(loss.detach())
+        if self.teacher_policy is not None:
+            _reshard(self.teacher_policy)
+        return {**extra, **metrics.summary()}, total
+
+    def _teacher_head(self) -> torch.Tensor | None:
+        """The teacher's LM head for this step (gathered once when sharded)."""
+        if self.teacher is None:
+            return None
+        heads = [_full(m.get_output_embeddings().weight) for m in self.teacher.scoring_models]
+        return self.teacher.teacher_head(heads)
+
+    @torch.no_grad()
+    def _teacher_batch(self, ctx, teacher_index: dict, rows: list[int], head) -> TeacherBatch:
+        local = [j for j, i in enumerate(rows) if i in teacher_index]
+        seqs = [ctx.input_ids[teacher_index[rows[j]]] for j in local]
+        starts = [ctx.response_start[teacher_index[rows[j]]] for j in local]
+        external = []
+        for model in self.teacher.scoring_models:
+            if model is self.policy.lm:
+                external.append(None)  # live: computed inside the policy's forward, continuing its prompt KV
+            else:
+                external.append(self.teacher_policy.hidden(seqs, starts) if seqs else [])
+        return TeacherBatch(rows=local, sequences=seqs, starts=starts, external=external,
+                            combine=self.teacher.teacher_hidden, weight=head)
+
+    # ----------------------------------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        """Held-out accuracy on the first `eval.problems` held-out problems (each rank answers a share)."""
+        cfg = self.cfg
+        problems = self.task.heldout[: cfg.eval.problems]
+        correct = heldout_correct(
+            self.policy, self.tokenizer, self.task, problems[self.rt.rank::self.rt.world_size], self.evaluator,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
+            batch_size=cfg.generation_batch_size)
+        _reshard(self.policy)
+        return self._sum_over_ranks(correct) / max(len(problems), 1)
+
+    # ----------------------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        state = {"model": get_model_state_dict(self.policy),
+                 "optim": get_optimizer_state_dict(self.policy, self.optimizer),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.teacher_policy is not None:
+            state["teacher"] = get_model_state_dict(self.teacher_policy)
+        return state
+
+    def save(self) -> Path:
+        extras = {"step": self.step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                  "numpy_rng": np.random.get_state()}
+        return checkpoint.save_checkpoint(self.ckpt_dir, self.step, self._state(), extras,
+                                          keep=self.cfg.keep_checkpoints)
+
+    def _resume(self) -> None:
+        path = checkpoint.latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint under {self.ckpt_dir}")
+        state = self._state()
+        extras = checkpoint.load_checkpoint(path, state)
+        set_model_state_dict(self.policy, state["model"])
+        set_optimizer_state_dict(self.policy, self.optimizer, state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.teacher_policy is not None:
+            set_model_state_dict(self.teacher_policy, state["teacher"])
+        torch.set_rng_state(extras["torch_rng"])
+        random.setstate(extras["python_rng"])
+        np.random.set_state(extras["numpy_rng"])
+        self.step = extras["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def export(self) -> Path:
+        """The trained model as a Hugging Face directory (output_dir/model), written atomically."""
+        final = self.out / "model"
+        full = get_model_state_dict(self.policy.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rt.is_main:
+            tmp = self.out / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.policy.lm.save_pretrained(tmp, state_dict=full)
+            self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self._barrier()
+        return final
+
+    # ----------------------------------------------------------------------------------------------------
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        return prompt_ids(self.tokenizer, messages)
+
+    def _barrier(self) -> None:
+        if self.rt.world_size > 1:
+            dist.barrier()
+
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.rt.world_size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.rt.device)
+        dist.all_reduce(t)
+        return float(t)
+
+    def _mean_over_ranks(self, metrics: dict) -> dict:
+        if self.rt.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.rt.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.rt.world_size for k, v in zip(keys, t.tolist())}
+
+
+def _reshard(policy: Policy) -> None:
+    """Return FSDP2 parameters to their shards after a forward without backward (generation, teacher
+    scoring): the root group stays gathered after forward by design, which would leave full tensors
+    behind for the EMA update and the checkpoint."""
+    if isinstance(policy, FSDPModule):
+        policy.reshard()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _plain(value):
+    """A config dict with paths as strings (YAML-friendly)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value

@@ -1,0 +1,134 @@
+"""The trainer end to end on a tiny random model: every algorithm and teacher mode, config errors,
+a 2-rank FSDP2 (gloo) run, and an exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from sdpo_fast.cli import parse
+from sdpo_fast.train.config import TrainConfig
+from sdpo_fast.train.metrics import read_metrics
+
+TINY = ["--model", "tiny-random", "--task", "arithmetic", "--prompts-per-step", "2", "--rollouts-per-prompt",
+        "2", "--micro-batch-size", "3", "--sampling.max-new-tokens", "6", "--eval.problems", "2",
+        "--env-workers", "1", "--optim.lr", "1e-3", "--optim.warmup-steps", "0"]
+
+
+def tiny_config(tmp_path: Path, *extra: str) -> TrainConfig:
+    return parse(TrainConfig, [*TINY, "--output-dir", str(tmp_path), *extra], prog="test")
+
+
+class GradedEvaluator:
+    """Stands in for the environment: a deterministic reward in [0, 1) spread over responses (so GRPO
+    advantages are not all zero, unlike a tiny random model's arithmetic), feedback for the failures."""
+
+    def evaluate(self, problems, responses):
+        from sdpo_fast.envs import Evaluation
+
+        rewards = [zlib.crc32(r.encode()) % 1000 / 1000 for r in responses]
+        return [Evaluation(r, "" if r >= 0.5 else "Too low.") for r in rewards]
+
+    def close(self):
+        pass
+
+
+def run_trainer(cfg: TrainConfig, graded: bool = True) -> dict:
+    from sdpo_fast.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    if graded:
+        trainer.evaluator.close()
+        trainer.evaluator = GradedEvaluator()
+    return trainer.fit()
+
+
+@pytest.mark.parametrize("algorithm,teacher", [
+    ("sdpo", "ema"), ("sdpo", "live"), ("sdpo", "frozen"), ("sdpo", "trust_region"), ("grpo", "ema"),
+    ("blend", "live"),
+])
+def test_one_step_of_every_algorithm_and_teacher(tmp_path, algorithm, teacher):
+    cfg = tiny_config(tmp_path, "--algorithm", algorithm, "--teacher", teacher, "--max-steps", "1")
+    summary = run_trainer(cfg)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1]
+    step = records[1]
+    for key in ("reward/mean", "loss", "eval/accuracy", "response/length_mean", "throughput/tokens_per_s",
+                "time/generate_s", "time/evaluate_s", "time/score_s", "time/update_s", "grad_norm"):
+        assert key in step, key
+    assert step["grad_norm"] > 0  # the loss reached the weights
+    assert 0.0 <= summary["eval/accuracy"] <= 1.0
+    assert (tmp_path / "curves.png").is_file()
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert (tmp_path / "checkpoints" / "latest").is_file()
+
+
+def test_sampled_token_sdpo_and_topk(tmp_path):
+    cfg = tiny_config(tmp_path, "--max-steps", "1", "--loss.no-full-logit-distillation", "--loss.alpha", "1",
+                      "--teacher", "live")
+    run_trainer(cfg)
+    cfg = tiny_config(tmp_path / "topk", "--max-steps", "1", "--loss.topk", "5")
+    run_trainer(cfg)
+    assert read_metrics(tmp_path / "topk" / "metrics.jsonl")[-1]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-steps", "0"], "max_steps"),
+    (["--optim.lr", "-1"], "optim.lr"),
+    (["--loss.alpha", "2"], "loss.alpha"),
+    (["--loss.no-full-logit-distillation", "--loss.alpha", "0.5"], "alpha=1"),
+    (["--algorithm", "ppo"], "algorithm"),
+])
+def test_bad_config_fails_fast_with_a_clear_message(args, message, capsys):
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        parse(TrainConfig, args, prog="sdpo-fast train")
+    assert info.value.code != 0
+    assert message in capsys.readouterr().err
+    assert time.perf_counter() - start < 5
+
+
+def test_config_file_with_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("max_steps: 7\noptim:\n  lr: 3.0e-4\nloss:\n  alpha: 1.0\n")
+    cfg = parse(TrainConfig, ["--config", str(path), "--max-steps", "9"], prog="t")
+    assert (cfg.max_steps, cfg.optim.lr, cfg.loss.alpha) == (9, 3e-4, 1.0)
+    path.write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(SystemExit, match="optim.learning_rate"):
+        parse(TrainConfig, ["--config", str(path)], prog="t")
+
+
+def _torchrun(args: list[str], out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "sdpo_fast.cli", "train", *TINY, "--output-dir", str(out), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_run_and_exact_resume(tmp_path):
+    full = tmp_path / "full"
+    done = _torchrun(["--max-steps", "2", "--save-every", "1", "--prompts-per-step", "4"], full)
+    assert done.returncode == 0, done.stderr[-4000:]
+    losses = {r["step"]: r["loss"] for r in read_metrics(full / "metrics.jsonl") if "loss" in r}
+    assert set(losses) == {1, 2}
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000002")  # as if the run had died after step 1
+    (resumed / "checkpoints" / "latest").write_text("step-00000001\n")
+    again = _torchrun(["--max-steps", "2", "--save-every", "1", "--prompts-per-step", "4", "--resume"], resumed)
+    assert again.returncode == 0, again.stderr[-4000:]
+    records = read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[-1]["loss"] == pytest.approx(losses[2], rel=1e-6, abs=1e-9)
+    assert json.loads(json.dumps(records[-1]))["reward/mean"] == \
+        [r for r in read_metrics(full / "metrics.jsonl") if r["step"] == 2][0]["reward/mean"]
