@@ -315,6 +315,10 @@ def _bad_calls():
     yield "topk", dict(good, topk=V + 1)
     yield "topk", dict(good, topk=2.5)
     yield "impl", dict(good, impl="fast")
+    yield "adv_clip", dict(good, adv_clip=0.0)
+    yield "adv_clip", dict(good, adv_clip=float("inf"))
+    yield "adv_clip", dict(good, adv_clip=1.0, alpha=0.5, topk=5)
+    yield "adv_clip", dict(good, adv_clip=1.0, alpha=1.0, topk=None)
     yield "device", dict(good, weight=w.to("meta"))
 
 
@@ -322,3 +326,47 @@ def _bad_calls():
 def test_bad_input_raises_value_error_naming_the_argument(name, kwargs):
     with pytest.raises(ValueError, match=name):
         linear_distill(**kwargs)
+
+
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_adv_clip_is_the_clipped_policy_gradient(add_tail):
+    """float64, written independently: reverse KL on the student's top-k, each support token's advantage
+    log q - log p clamped to [-c, c] in -sum_j p_j A_j grad log p_j; value sum_j p_j clamp(log p - log q)."""
+    hs, hh, w, wt, y = make_inputs(21, dtype=torch.float64, ignore_every=0)
+    topk, clip, temperature = 6, 0.4, 0.8
+    kw = dict(alpha=1.0, temperature=temperature, topk=topk, add_tail=add_tail, adv_clip=clip)
+    hs_ref, w_ref = hs.clone().requires_grad_(), w.clone().requires_grad_()
+    logp_s = ((hs_ref @ w_ref.T) / temperature).log_softmax(-1)
+    logp_t = ((hh @ wt.T) / temperature).log_softmax(-1)
+    support = logp_s.detach().topk(topk, dim=-1).indices
+    s, t = logp_s.gather(-1, support), logp_t.gather(-1, support)
+    if add_tail:
+        s = torch.cat([s, torch.log1p(-s.exp().sum(-1, keepdim=True))], -1)
+        t = torch.cat([t, torch.log1p(-t.exp().sum(-1, keepdim=True))], -1)
+    else:
+        s, t = s - s.logsumexp(-1, keepdim=True), t - t.logsumexp(-1, keepdim=True)
+    advantage = (t - s).detach().clamp(-clip, clip)
+    assert ((t - s).abs() > clip).float().mean() > 0.3  # the clip is active on many support tokens
+    g_div = upstream(21)[0]
+    surrogate = -(g_div[:, None] * s.exp().detach() * advantage * s).sum()
+    want_h, want_w = torch.autograd.grad(surrogate, (hs_ref, w_ref))
+    want_value = (s.exp() * (s - t).clamp(-clip, clip)).sum(-1).detach()
+
+    for impl in ("naive", "chunked"):
+        out, got_h, got_w = run(linear_distill, hs, hh, w, wt, y, (g_div, torch.zeros_like(g_div)), impl=impl, **kw)
+        assert max_abs(out.divergence, want_value) < 1e-12, impl
+        assert rel_err(got_h, want_h) < 1e-12 and rel_err(got_w, want_w) < 1e-12, impl
+    unclipped = run(linear_distill, hs, hh, w, wt, y, (g_div, torch.zeros_like(g_div)), impl="naive",
+                    **{**kw, "adv_clip": None})
+    assert rel_err(unclipped[1], want_h) > 0.05  # clipping changed the gradient
+
+
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_chunked_adv_clip_matches_float64_reference(add_tail):
+    inputs = make_inputs(23)
+    kw = dict(alpha=1.0, temperature=0.7, topk=5, add_tail=add_tail, adv_clip=0.5)
+    grads = upstream(23)
+    got = run(lambda *a, **k: linear_distill_chunked_multi(*a, **k), *inputs, grads, **kw)
+    assert_close_to_reference(got, reference(*inputs, grads, **kw))
+    huge = run(lambda *a, **k: linear_distill_chunked_multi(*a, **k), *inputs, grads, **{**kw, "adv_clip": 1e6})
+    assert_close_to_reference(huge, reference(*inputs, grads, **{**kw, "adv_clip": None}))

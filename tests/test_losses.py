@@ -141,7 +141,8 @@ def _token_mean(x, m):
 @pytest.mark.parametrize("kl_coef", [0.0, 0.1])
 def test_compute_loss_matches_direct_formula(mode, kl_coef):
     cfg = LossConfig(mode=mode, alpha=1.0 if mode == "sdpo_token" else 0.5, is_clip=2.0, eps_low=0.2,
-                     eps_high=0.28, dual_clip=3.0, kl_coef=kl_coef, blend_lambda=0.9, adv_clip=1.5)
+                     eps_high=0.28, dual_clip=3.0, kl_coef=kl_coef, blend_lambda=0.9,
+                     adv_clip=None if mode == "sdpo" else 1.5)  # "sdpo" clips inside linear_distill
     f = _batch()
     mask = cfg.loss_mask(f["mask"], f["sd_mask"])
     m = mask.to(F64)
@@ -154,7 +155,8 @@ def test_compute_loss_matches_direct_formula(mode, kl_coef):
     if mode == "sdpo":
         per_token = f["divergence"] * w
     elif mode == "sdpo_token":
-        per_token = -a_sdpo * logp * w
+        assert (a_sdpo.abs() > 1.5).any()
+        per_token = -a_sdpo.clamp(-1.5, 1.5) * logp * w
     else:
         adv = f["advantages"][:, None].expand(-1, 9)
         if mode == "blend":
@@ -203,6 +205,12 @@ def test_loss_config_and_batch_validation():
         LossConfig(agg_mode="sum")
     with pytest.raises(ValueError, match="eps_low"):
         LossConfig(eps_low=float("nan"))
+    with pytest.raises(ValueError, match="adv_clip"):
+        LossConfig(mode="sdpo", alpha=0.5, topk=20, adv_clip=5.0)
+    with pytest.raises(ValueError, match="adv_clip"):
+        LossConfig(mode="sdpo", alpha=1.0, topk=None, adv_clip=5.0)
+    assert LossConfig(mode="sdpo", alpha=1.0, topk=20, adv_clip=5.0).distill_kwargs()["adv_clip"] == 5.0
+    assert LossConfig(mode="blend", adv_clip=5.0).distill_kwargs()["adv_clip"] is None
     f = _batch()
     agg = Aggregator.for_batch(f["mask"])
     with pytest.raises(ValueError, match="divergence"):

@@ -11,6 +11,8 @@ Building blocks (plain tensors in, per-token tensors out):
 - "sdpo":       logit-level: divergence from `linear_distill` times the importance weight.
 - "sdpo_token": sampled-token form (reverse KL, alpha = 1): A_t = log p_T(y_t) - log p_S(y_t),
                 loss_t = -A_t * log p_S(y_t) * w_t, A and w detached.
+In both SDPO modes `adv_clip` clamps the advantages to [-adv_clip, adv_clip] (the paper's test-time
+setting): A_t above, or, logit-level, every support token's advantage inside `linear_distill`.
 - "grpo":       clipped policy gradient on group-normalised rewards.
 - "blend":      clipped policy gradient on the blended advantage.
 plus an optional KL-to-reference term, aggregated by an `Aggregator` built for the whole mini-batch.
@@ -133,7 +135,9 @@ class LossConfig:
     `distill_kwargs`); "sdpo_token" requires alpha = 1 (its objective is the reverse KL's sampled
     estimator). is_clip: cap of the SDPO importance weight (None: no weighting). eps_low, eps_high,
     dual_clip: the clipped ratio of "grpo" and "blend". kl_coef, kl_type: optional KL to a reference
-    policy. blend_lambda, adv_clip: the "blend" advantage. agg_mode: one of AGG_MODES.
+    policy. blend_lambda: the "blend" advantage's mix. adv_clip: clamp of the "blend" advantage, of the
+    "sdpo_token" advantage, or of the per-token advantages of "sdpo" (needs alpha = 1 and topk: see
+    `linear_distill`). agg_mode: one of AGG_MODES.
     """
 
     mode: str = "sdpo"
@@ -168,6 +172,9 @@ class LossConfig:
             raise ValueError(f"topk must be None or a positive int, got {self.topk!r}")
         if self.mode == "sdpo_token" and self.alpha != 1.0:
             raise ValueError(f"mode 'sdpo_token' is the reverse-KL (alpha=1) objective; got alpha={self.alpha}")
+        if self.mode == "sdpo" and self.adv_clip is not None and (self.alpha != 1.0 or self.topk is None):
+            raise ValueError(f"adv_clip in mode 'sdpo' clips the reverse KL's advantages on the student's top-k: "
+                             f"it needs alpha=1 and topk set, got alpha={self.alpha}, topk={self.topk}")
 
     @property
     def uses_teacher(self) -> bool:
@@ -176,7 +183,8 @@ class LossConfig:
 
     def distill_kwargs(self) -> dict:
         """Keyword arguments for `linear_distill` (add the sampling temperature)."""
-        return {"alpha": self.alpha, "topk": self.topk, "add_tail": self.add_tail}
+        return {"alpha": self.alpha, "topk": self.topk, "add_tail": self.add_tail,
+                "adv_clip": self.adv_clip if self.mode == "sdpo" else None}
 
     def loss_mask(self, response_mask: torch.Tensor, sd_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The tokens the loss averages over: response tokens, and for the pure SDPO modes only rows
@@ -234,7 +242,8 @@ def compute_loss(cfg: LossConfig, agg: Aggregator, batch: TokenBatch, metrics: M
         if cfg.mode == "sdpo":
             per_token = batch.divergence * w
         else:
-            per_token = -sdpo_adv * logp * w
+            adv = sdpo_adv.clamp(-cfg.adv_clip, cfg.adv_clip) if cfg.adv_clip is not None else sdpo_adv
+            per_token = -adv * logp * w
         if metrics is not None and batch.old_logp is not None and cfg.is_clip is not None:
             metrics.add("loss/is_weight", w, mask)
             metrics.add("loss/is_clip_frac", (w >= cfg.is_clip).double(), mask)

@@ -28,6 +28,7 @@ def linear_distill(
     add_tail: bool = True,
     ignore_index: int = -100,
     impl: str = "auto",
+    adv_clip: float | None = None,
 ) -> DistillOutput:
     """Per-token student-vs-teacher divergence and token log-probs straight from hidden states.
 
@@ -47,12 +48,15 @@ def linear_distill(
         ignore_index: target value of rows to skip.
         impl: "naive" (materialises logits; the specification), "chunked" (pure PyTorch, bounded
             memory), "triton" (fused kernels), or "auto" (the fastest available for the inputs).
+        adv_clip: advantage clipping c > 0 for the reverse KL (alpha = 1) on a top-k support: each
+            support token's advantage log q - log p enters the gradient clamped to [-c, c] (see
+            `formulas.clip_teacher`; the divergence reported is the matching clipped one). None: off.
 
     Returns:
         `DistillOutput` of per-token tensors shaped like `targets`.
     """
     _check_args(student_hidden, teacher_hidden, weight, targets, teacher_weight, alpha, temperature, topk,
-                ignore_index, impl)
+                ignore_index, impl, adv_clip)
     if teacher_weight is None:
         teacher_weight = weight
     lead_shape = targets.shape
@@ -68,6 +72,7 @@ def linear_distill(
         topk=topk,
         add_tail=bool(add_tail),
         ignore_index=int(ignore_index),
+        adv_clip=None if adv_clip is None else float(adv_clip),
     )
     return out.reshape(*lead_shape)
 
@@ -161,7 +166,7 @@ def _triton_available() -> bool:
 
 
 def _check_args(student_hidden, teacher_hidden, weight, targets, teacher_weight, alpha, temperature, topk,
-                ignore_index, impl):
+                ignore_index, impl, adv_clip=None):
     """Raise ValueError naming the offending argument; never let a bad input give a silent number."""
     _check_tensors(student_hidden=student_hidden, teacher_hidden=teacher_hidden, weight=weight, targets=targets)
     if teacher_weight is not None and not isinstance(teacher_weight, torch.Tensor):
@@ -192,6 +197,12 @@ def _check_args(student_hidden, teacher_hidden, weight, targets, teacher_weight,
     _check_scalars(temperature, ignore_index)
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= vocab):
         raise ValueError(f"topk must be None or an int in [1, V={vocab}], got {topk!r}")
+    if adv_clip is not None:
+        if isinstance(adv_clip, bool) or not isinstance(adv_clip, (int, float)) or not 0 < adv_clip < math.inf:
+            raise ValueError(f"adv_clip must be None or a finite number > 0, got {adv_clip!r}")
+        if float(alpha) != 1.0 or topk is None:
+            raise ValueError(f"adv_clip clips the reverse KL's per-token advantages on a top-k support: it needs "
+                             f"alpha=1 and topk set, got alpha={alpha!r}, topk={topk!r}")
 
 
 def _check_tensors(**tensors) -> None:

@@ -40,6 +40,7 @@ class _Options:
     topk: int | None
     add_tail: bool
     chunk_rows: int
+    adv_clip: float | None = None
 
 
 def _logp_block(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, dtype: torch.dtype, lse=None):
@@ -60,7 +61,7 @@ def _vecdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _topk_divergence(logp_s_k: torch.Tensor, logp_t_k: torch.Tensor, opts: _Options) -> torch.Tensor:
-    return divergence(*topk_support(logp_s_k, logp_t_k, opts.add_tail), opts.alpha)
+    return divergence(*topk_support(logp_s_k, logp_t_k, opts.add_tail, opts.adv_clip), opts.alpha)
 
 
 def _topk_divergence_grad(logp_s_k: torch.Tensor, logp_t_k: torch.Tensor, opts: _Options) -> torch.Tensor:
@@ -69,9 +70,10 @@ def _topk_divergence_grad(logp_s_k: torch.Tensor, logp_t_k: torch.Tensor, opts: 
     With S, T the support distributions' log-probs and M = log((1 - alpha) e^S + alpha e^T):
     dD/dS = -e^T (alpha = 0), e^S (S - T + 1) (alpha = 1), (1 - alpha) e^S (S - M) (JSD); then the chain
     rule through the tail bucket log(1 - e^L), L = logsumexp(logp_s_k) (d tail / d s_j = -e^(s_j - tail),
-    zero where L is clamped), or through the renormalisation S = s - L.
+    zero where L is clamped), or through the renormalisation S = s - L. With `adv_clip`, T is the clipped
+    teacher (a constant; see `formulas.clip_teacher`).
     """
-    s, t = topk_support(logp_s_k, logp_t_k, opts.add_tail)
+    s, t = topk_support(logp_s_k, logp_t_k, opts.add_tail, opts.adv_clip)
     p = s.exp()
     if opts.alpha == 0.0:
         g = t.exp().neg_()
@@ -132,9 +134,10 @@ def _chunked_forward(
     add_tail: bool,
     ignore_index: int,
     chunk_rows: int,
+    adv_clip: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward in the calling convention of `custom_ops`; saved = (per-row stats [3, N], top-k supports)."""
-    opts = _Options(alpha, temperature, topk, add_tail, chunk_rows)
+    opts = _Options(alpha, temperature, topk, add_tail, chunk_rows, adv_clip)
     n, device = student_hidden.shape[0], student_hidden.device
     dtype = torch.promote_types(student_hidden.dtype, torch.float32)
     out = torch.zeros(5, n, dtype=dtype, device=device)
@@ -164,7 +167,7 @@ def _chunked_forward(
 
 @_chunked_forward.register_fake
 def _(student_hidden, teacher_hidden, weight, teacher_weight, targets, alpha, temperature, topk, add_tail,
-      ignore_index, chunk_rows):
+      ignore_index, chunk_rows, adv_clip):
     return *fake_forward_outputs(student_hidden, targets), targets.new_empty(targets.shape[0], topk or 0)
 
 
@@ -185,11 +188,12 @@ def _chunked_backward(
     add_tail: bool,
     ignore_index: int,
     chunk_rows: int,
+    adv_clip: Optional[float],
     need_h: bool,
     need_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward in the calling convention of `custom_ops`: recompute each chunk, closed-form gradient."""
-    opts = _Options(alpha, temperature, topk, add_tail, chunk_rows)
+    opts = _Options(alpha, temperature, topk, add_tail, chunk_rows, adv_clip)
     dtype = saved.dtype
     grad_h = torch.zeros_like(student_hidden, dtype=dtype) if need_h else student_hidden.new_empty(0)
     grad_w = torch.zeros_like(weight, dtype=dtype) if need_w else weight.new_empty(0)
@@ -242,7 +246,7 @@ def _apply_grad_logits(grad_logits: torch.Tensor, h: torch.Tensor, r: torch.Tens
 
 @_chunked_backward.register_fake
 def _(grad_div, grad_logp, student_hidden, teacher_hidden, weight, teacher_weight, targets, saved, supports,
-      alpha, temperature, topk, add_tail, ignore_index, chunk_rows, need_h, need_w):
+      alpha, temperature, topk, add_tail, ignore_index, chunk_rows, adv_clip, need_h, need_w):
     return fake_backward_outputs(student_hidden, weight, need_h, need_w)
 
 
@@ -261,6 +265,7 @@ def linear_distill_chunked(
     topk: int | None,
     add_tail: bool,
     ignore_index: int,
+    adv_clip: float | None = None,
     chunk_elems: int | None = None,
 ) -> DistillOutput:
     """Bounded-memory `linear_distill` (see the module docstring); arguments as `linear_distill`.
@@ -271,6 +276,7 @@ def linear_distill_chunked(
     return distill_output(*_chunked_forward(
         student_hidden, teacher_hidden.detach(), weight, teacher_weight.detach(), targets,
         float(alpha), float(temperature), topk, bool(add_tail), int(ignore_index), chunk_rows,
+        None if adv_clip is None else float(adv_clip),
     ))
 
 

@@ -42,19 +42,33 @@ def mixture_logp(logp_s: torch.Tensor, logp_t: torch.Tensor, alpha: float) -> to
 
 
 def topk_support(
-    logp_s_k: torch.Tensor, logp_t_k: torch.Tensor, add_tail: bool
+    logp_s_k: torch.Tensor, logp_t_k: torch.Tensor, add_tail: bool, adv_clip: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distributions on the student's top-k support from full-vocabulary log-probs gathered there.
 
     With `add_tail`, one bucket log(1 - sum_k p) is appended on each side (k + 1 entries);
-    without it, both sides are renormalised over the k tokens.
+    without it, both sides are renormalised over the k tokens. With `adv_clip`, the teacher side is
+    `clip_teacher`'s (for the reverse KL only).
     """
     if add_tail:
-        return _with_tail(logp_s_k), _with_tail(logp_t_k)
-    return (
-        logp_s_k - logp_s_k.logsumexp(-1, keepdim=True),
-        logp_t_k - logp_t_k.logsumexp(-1, keepdim=True),
-    )
+        s, t = _with_tail(logp_s_k), _with_tail(logp_t_k)
+    else:
+        s = logp_s_k - logp_s_k.logsumexp(-1, keepdim=True)
+        t = logp_t_k - logp_t_k.logsumexp(-1, keepdim=True)
+    return s, clip_teacher(s, t, adv_clip)
+
+
+def clip_teacher(s: torch.Tensor, t: torch.Tensor, adv_clip: float | None) -> torch.Tensor:
+    """Advantage clipping: teacher log-probs moved to within `adv_clip` of the student's (held constant).
+
+    SDPO's reverse-KL gradient is a policy gradient, sum_j p_j (s_j - t_j) grad s_j, with one advantage
+    per support token, A_j = t_j - s_j. With t' = stopgrad(s + clamp(t - s, -c, c)) in place of t, the
+    divergence sum_j p_j (s_j - t'_j) has the same gradient with A_j clamped to [-c, c]. None: t itself.
+    """
+    if adv_clip is None:
+        return t
+    s = s.detach()
+    return s + (t - s).clamp(-adv_clip, adv_clip)
 
 
 def _with_tail(logp_k: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ def linear_distill_naive(
     topk: int | None,
     add_tail: bool,
     ignore_index: int,
+    adv_clip: float | None = None,
 ) -> DistillOutput:
     """Divergence, token log-probs, advantage and entropy from full logits (see `linear_distill`)."""
     valid = targets != ignore_index
@@ -39,7 +40,8 @@ def linear_distill_naive(
         div = divergence(logp_s, logp_t, alpha)
     else:
         support = student_logits.detach().topk(topk, dim=-1).indices
-        div = divergence(*topk_support(logp_s.gather(-1, support), logp_t.gather(-1, support), add_tail), alpha)
+        div = divergence(*topk_support(logp_s.gather(-1, support), logp_t.gather(-1, support), add_tail,
+                                       adv_clip), alpha)
 
     student_logp = logp_s.gather(-1, y).squeeze(-1)
     teacher_logp = logp_t.gather(-1, y).squeeze(-1)

@@ -132,17 +132,19 @@ def linear_distill_triton(
     topk: int | None,
     add_tail: bool,
     ignore_index: int,
+    adv_clip: float | None = None,
     splits: int | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> DistillOutput:
     """Fused-kernel `linear_distill` (see the module docstring); arguments as `linear_distill`.
 
     `splits` fixes the number of vocabulary splits of the forward grid (default: enough to fill the
-    device); `workspace_bytes` bounds the backward's gradient workspace. `add_tail` is unused (no topk).
+    device); `workspace_bytes` bounds the backward's gradient workspace. `add_tail` and `adv_clip` (both
+    top-k only) are unused.
     """
-    if topk is not None:
-        raise ValueError(f"impl='triton' computes the full-vocabulary divergence only, got topk={topk}; "
-                         "use impl='chunked' (impl='auto' routes topk there)")
+    if topk is not None or adv_clip is not None:
+        raise ValueError(f"impl='triton' computes the full-vocabulary divergence only, got topk={topk}, "
+                         f"adv_clip={adv_clip}; use impl='chunked' (impl='auto' routes topk there)")
     _check_triton_inputs(splits, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
     return distill_output(*_triton_forward(
         student_hidden.contiguous(), teacher_hidden.detach().contiguous(), weight.contiguous(),
