@@ -1,4 +1,4 @@
-"""Command line: `sdpo-fast train | eval ...`.
+"""Command line: `sdpo-fast train | eval | ttsd | ttsd-experiment ...`.
 
 Each command takes a typed config (dataclass) whose defaults can be replaced by a YAML file given with
 `--config FILE` and overridden by flags (`sdpo-fast train --help` lists them). A bad value stops the
@@ -17,6 +17,7 @@ from typing import Callable
 import tyro
 
 from sdpo_fast.train.config import TrainConfig, load_yaml
+from sdpo_fast.ttsd.config import ExperimentConfig, TTSDConfig
 
 
 @dataclass
@@ -66,7 +67,29 @@ def _eval(cfg: EvalConfig) -> None:
           f"{correct / max(len(problems), 1):.3f}")
 
 
+def _ttsd(cfg: TTSDConfig) -> None:
+    from sdpo_fast.ttsd import run_ttsd
+
+    result = run_ttsd(cfg)
+    if result.solved:
+        print(f"{cfg.method}: solved after {result.attempts} attempts ({result.rounds} rounds of {cfg.batch}, "
+              f"{result.seconds:.0f} s)")
+    else:
+        print(f"{cfg.method}: not solved within the budget of {cfg.budget} attempts ({result.seconds:.0f} s)")
+    print(f"solution: {cfg.output_dir / 'solution.json'}  rounds: {cfg.output_dir / 'rounds.jsonl'}")
+
+
+def _ttsd_experiment(cfg: ExperimentConfig) -> None:
+    from sdpo_fast.ttsd import run_experiment
+
+    summary = run_experiment(cfg)
+    print(f"discovery@k over {summary['runs_per_method']} runs per method (problems x seeds):")
+    print(summary["table"])
+    print(f"results: {cfg.output}.json  plot: {cfg.output}.png")
+
+
 COMMANDS: dict[str, tuple[type, Callable]] = {"train": (TrainConfig, _train), "eval": (EvalConfig, _eval)}
+COMMANDS.update({"ttsd": (TTSDConfig, _ttsd), "ttsd-experiment": (ExperimentConfig, _ttsd_experiment)})
 
 
 def parse(cls: type, args: list[str], prog: str):

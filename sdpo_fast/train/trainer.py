@@ -71,7 +71,8 @@ def _full(weight: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """One training run of `cfg` (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, task: Task | None = None):
+        """`task`: the problems and environment to use instead of loading `cfg.task`."""
         self.cfg = cfg
         self.rt: Runtime = init_runtime(cfg.device)
         if cfg.prompts_per_step % self.rt.world_size:
@@ -82,8 +83,8 @@ class Trainer:
         _seed_everything(cfg.seed + self.rt.rank)
         self.loss_cfg = loss_config(cfg)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.task: Task = load_task(cfg.task, seed=cfg.seed, heldout_size=max(cfg.eval.problems, 1),
-                                    options=cfg.task_options)
+        self.task: Task = task or load_task(cfg.task, seed=cfg.seed, heldout_size=max(cfg.eval.problems, 1),
+                                            options=cfg.task_options)
         self.sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p)
         self.reprompt = RepromptConfig(**asdict(cfg.reprompt))
         self.eos = eos_ids(self.tokenizer)
@@ -184,12 +185,7 @@ class Trainer:
         loss_metrics, loss_value = self._score_and_backward(messages, prompts, rollouts.responses, rewards,
                                                             [e.feedback for e in evals])
         t_score = time.perf_counter()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.teacher is not None:
-            self.teacher.after_step()
+        grad_norm = self._optimizer_step()
         t_end = time.perf_counter()
 
         lengths = [len(r) for r in rollouts.responses]
@@ -214,6 +210,27 @@ class Trainer:
             "time/step_s": t_end - t0,
         })
         return metrics
+
+    def update(self, messages, prompts, responses, rewards, feedback) -> dict:
+        """One optimizer step on given rollouts (rollout i answers prompts[i // rollouts_per_prompt], whose
+        chat is messages[...]): teacher contexts, scoring, loss, AdamW, teacher update. Returns the loss
+        metrics with "loss" and "grad_norm". Test-time self-distillation calls it on its own rollouts."""
+        if len(responses) != len(prompts) * self.cfg.rollouts_per_prompt or len(messages) != len(prompts):
+            raise ValueError(f"update needs rollouts_per_prompt={self.cfg.rollouts_per_prompt} responses per "
+                             f"prompt and one chat per prompt, got {len(responses)} responses, {len(prompts)} "
+                             f"prompts, {len(messages)} chats")
+        metrics, loss = self._score_and_backward(messages, prompts, responses, rewards, feedback)
+        return {**metrics, "loss": loss, "grad_norm": float(self._optimizer_step())}
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, step, schedule, zero the gradients, move the teacher; returns the pre-clip grad norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.teacher is not None:
+            self.teacher.after_step()
+        return grad_norm
 
     def _score_and_backward(self, messages, prompts, responses, rewards, feedback) -> tuple[dict, float]:
         """Teacher contexts, micro-batched scoring with the fused op, and backward; returns (metrics, loss)."""
