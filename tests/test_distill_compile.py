@@ -82,6 +82,7 @@ def test_compiled_caller_still_checks_target_range():
 def test_chunked_op_registration():
     """torch.library's consistency checks of the chunked op: schema, fake tensors, autograd."""
     hs, ht, weight, targets = make_inputs(n=12, v=41)
-    args = (hs, ht, weight, weight.detach(), targets, 0.5, 1.0, 5, True, IGNORE, 16)
-    torch.library.opcheck(torch.ops.sdpo_fast.linear_distill_chunked.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for alpha, adv_clip in ((0.5, None), (1.0, 2.0)):
+        args = (hs, ht, weight, weight.detach(), targets, alpha, 1.0, 5, True, IGNORE, 16, adv_clip)
+        torch.library.opcheck(torch.ops.sdpo_fast.linear_distill_chunked.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
