@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# Op, scoring and step benchmarks of this device; results in benchmarks/results/bench_{cpu,cuda}/.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_distill_cpu.py
+	$(VENV)/bin/sdpo-fast bench --out-dir benchmarks/results/bench_$$($(PY) -c \
+		'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
