@@ -117,12 +117,14 @@ def run_bench(cfg: BenchConfig) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
         "command": command_line(cfg), "torch": torch.__version__, "python": platform.python_version(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_average_1m": {"start": os.getloadavg()[0]},  # other jobs on the machine skew absolute times
         "config": _plain(dataclasses.asdict(cfg)),
     }
     out = Path(cfg.out_dir)
     with tqdm(total=sum(ticks[s] for s in sections), desc="sdpo-fast bench", unit="case", dynamic_ncols=True) as bar:
         for name in sections:
             record[name] = {"device": record["device"], **RUNNERS[name](getattr(cfg, name), device, bar)}
+    record["load_average_1m"]["end"] = os.getloadavg()[0]
     for name in sections:
         print("\n" + report.TABLES[name](record[name]))
         record[name]["plot"] = str(report.PLOTS[name](record[name], out / f"{name}.png"))
