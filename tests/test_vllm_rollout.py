@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from sdpo_fast.models import tiny_random_model
 from sdpo_fast.rollout import SamplingConfig, VLLMRollout, require_vllm
-from sdpo_fast.rollout.vllm_backend import rollouts_from_outputs
+from sdpo_fast.rollout.vllm_backend import rollouts_from_outputs, write_engine_config
 from sdpo_fast.train.parallel import Runtime, full_weights, hf_param_name, shard_model
 
 VOCAB = 331
@@ -80,7 +80,7 @@ def test_vllm_missing_gives_a_clear_error(monkeypatch):
     with pytest.raises(ImportError, match=r"vllm package, which is not installed.*sdpo-fast\[gpu\].*--rollout hf"):
         require_vllm("cuda")
     with pytest.raises(ImportError, match="not installed"):
-        VLLMRollout(tiny_random_model(VOCAB).config, device=torch.device("cuda"))
+        VLLMRollout(tiny_random_model(VOCAB), device=torch.device("cuda"))
 
 
 def test_vllm_without_a_gpu_gives_a_clear_error(monkeypatch):
@@ -100,6 +100,18 @@ def test_trainer_with_vllm_rollouts_fails_before_loading_a_model(tmp_path, monke
     cfg = parse(TrainConfig, ["--model", "tiny-random", "--rollout", "vllm", "--output-dir", str(tmp_path)], prog="t")
     with pytest.raises(ImportError, match="not installed"):
         trainer_module.Trainer(cfg)
+
+
+@pytest.mark.parametrize("arch,cls", [("llama", "LlamaForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+def test_engine_config_names_the_architecture(tmp_path, arch, cls):
+    import json
+
+    model = tiny_random_model(VOCAB, arch=arch)
+    assert not model.config.architectures  # built from a config: vLLM could not pick a model class
+    write_engine_config(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == [cls] and config["vocab_size"] == VOCAB
+    assert not model.config.architectures  # the model's own config is left alone
 
 
 def _completion(ids, logps, finish):
@@ -150,7 +162,7 @@ def _check_logprobs(model, prompts, rollouts, temperature):
 def test_vllm_engine_samples_with_pushed_weights_and_matching_logprobs():
     model = tiny_random_model(4096, hidden_size=128, intermediate_size=256, num_attention_heads=2,
                               num_key_value_heads=1, seed=4).cuda()
-    engine = VLLMRollout(model.config, device=torch.device("cuda"), gpu_memory_utilization=0.2, max_model_len=256,
+    engine = VLLMRollout(model, device=torch.device("cuda"), gpu_memory_utilization=0.2, max_model_len=256,
                          dtype="bfloat16", enforce_eager=True)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 4096, (n,), generator=gen).tolist() for n in (40, 20)]  # full KV blocks get cached

@@ -19,10 +19,13 @@ vllm is imported lazily: this module imports on any machine; `require_vllm` says
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import socket
 import tempfile
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -72,6 +75,19 @@ def rollouts_from_outputs(prompts: Sequence[Sequence[int]], n: int, outputs: Seq
                     logprobs=logprobs)
 
 
+def write_engine_config(model, directory: str | os.PathLike) -> None:
+    """The model's config.json for vLLM, with `architectures` set (a model built from a config has none).
+
+    The class name is the model's Hugging Face class, also when a wrapper (e.g. FSDP2) swapped its class.
+    """
+    config = copy.deepcopy(model.config)
+    if not config.architectures:
+        config.architectures = [next(c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers."))]
+    config.save_pretrained(directory)
+    if not json.loads((Path(directory) / "config.json").read_text()).get("architectures"):
+        raise ValueError(f"could not name the architecture of {type(model).__name__} for vLLM")
+
+
 def _load_into_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Runs inside vLLM's worker (collective_rpc): copy (name, tensor) pairs into the model's parameters."""
     worker.model_runner.model.load_weights(weights=weights)
@@ -80,11 +96,12 @@ def _load_into_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> No
 class VLLMRollout:
     """A colocated vLLM engine for one rank (see the module docstring).
 
-    model_config: the Hugging Face config of the trained model (the engine is built from it alone).
+    model: the trained Hugging Face causal LM; the engine is built from its config alone (weights come with
+    `load_weights`).
     sleep: release GPU memory between generations (vLLM sleep mode); otherwise the engine stays resident.
     """
 
-    def __init__(self, model_config, *, device: torch.device, seed: int = 0, gpu_memory_utilization: float = 0.3,
+    def __init__(self, model, *, device: torch.device, seed: int = 0, gpu_memory_utilization: float = 0.3,
                  max_model_len: int | None = None, dtype: str = "bfloat16", enforce_eager: bool = False,
                  sleep: bool = True):
         require_vllm(device)
@@ -92,7 +109,7 @@ class VLLMRollout:
 
         _set_launcher_env(device)
         self._dir = tempfile.mkdtemp(prefix="sdpo-fast-vllm-")
-        model_config.save_pretrained(self._dir)
+        write_engine_config(model, self._dir)
         self.sleep_enabled = sleep
         self.llm = LLM(model=self._dir, skip_tokenizer_init=True, load_format="dummy", dtype=dtype, seed=seed,
                        tensor_parallel_size=1, distributed_executor_backend="external_launcher",

@@ -108,7 +108,7 @@ class Trainer:
         self.vllm: VLLMRollout | None = None
         if cfg.rollout == "vllm":
             v = cfg.vllm
-            self.vllm = VLLMRollout(lm.config, device=self.rt.device, seed=cfg.seed + self.rt.rank,
+            self.vllm = VLLMRollout(self.policy.lm, device=self.rt.device, seed=cfg.seed + self.rt.rank,
                                     gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
                                     dtype=v.dtype, enforce_eager=v.enforce_eager, sleep=v.sleep)
             self._sync_rollout_weights()
