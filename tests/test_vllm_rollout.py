@@ -112,6 +112,8 @@ def test_engine_config_names_the_architecture(tmp_path, arch, cls):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == [cls] and config["vocab_size"] == VOCAB
     assert not model.config.architectures  # the model's own config is left alone
+    with pytest.raises(ValueError, match="not a Hugging Face model"):
+        write_engine_config(SimpleNamespace(config=model.config), tmp_path)
 
 
 def _completion(ids, logps, finish):

@@ -20,12 +20,10 @@ vllm is imported lazily: this module imports on any machine; `require_vllm` says
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import socket
 import tempfile
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -82,10 +80,11 @@ def write_engine_config(model, directory: str | os.PathLike) -> None:
     """
     config = copy.deepcopy(model.config)
     if not config.architectures:
-        config.architectures = [next(c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers."))]
+        name = next((c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")), None)
+        if name is None:
+            raise ValueError(f"{type(model).__name__} is not a Hugging Face model; vLLM needs its architecture name")
+        config.architectures = [name]
     config.save_pretrained(directory)
-    if not json.loads((Path(directory) / "config.json").read_text()).get("architectures"):
-        raise ValueError(f"could not name the architecture of {type(model).__name__} for vLLM")
 
 
 def _load_into_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
