@@ -5,7 +5,9 @@ algorithm and seed), evaluating every `--eval-every` steps, then writes:
 - `sdpo_vs_grpo.json`: every run's accuracy-vs-generations curve and phase times, and the summary table;
 - `sdpo_vs_grpo.png`: mean held-out accuracy (with per-seed points) against generations;
 - a Markdown table on stdout: accuracy at each checkpoint (mean over seeds), and the median step time of
-  each algorithm, split into generation and training (score + update), as a ratio to GRPO.
+  each algorithm, split into generation and training (score + update). Runs that went side by side share
+  the CPU, so their times compare only within one batch of `--jobs`; `sdpo-fast bench step` measures the
+  step-time ratio properly (interleaved, one process).
 
     python benchmarks/sdpo_vs_grpo.py --config configs/demo.yaml --seeds 0 1 2 --jobs 2
 """
@@ -16,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from sdpo_fast.bench.common import device_name, git_commit, write_json_atomically
 
 TRAIN_PHASES = ("time/score_s", "time/update_s")
 
@@ -88,10 +91,10 @@ def main() -> None:
                                            "accuracy": acc, "times": step_times(rows)}
 
     table = summarise(runs, args.algorithms)
-    record = {"date": datetime.date.today().isoformat(), "commit": _commit(), "device": platform.processor()
-              or platform.machine(), "command": " ".join(sys.argv), "config": cfg, "max_steps": max_steps, "runs": runs, "summary": table}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sdpo_vs_grpo.json").write_text(json.dumps(record, indent=1))
+    record = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": device_name("cpu"),
+              "command": " ".join(sys.argv), "config": cfg, "max_steps": max_steps, "jobs": args.jobs,
+              "runs": runs, "summary": table}
+    write_json_atomically(args.out / "sdpo_vs_grpo.json", record)
     plot(runs, args.algorithms, args.out / "sdpo_vs_grpo.png", cfg.get("task", "?"))
     print(markdown(table, args.algorithms))
 
@@ -116,13 +119,11 @@ def markdown(table: dict, algorithms: list[str]) -> str:
         cells = [f"{table[a]['accuracy_mean'][i]:.3f} [{table[a]['accuracy_min'][i]:.3f}, "
                  f"{table[a]['accuracy_max'][i]:.3f}]" for a in algorithms]
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    base = table.get("grpo")
-    lines += ["", "| algorithm | step s | generate s | train s (score+update) | train vs grpo | response tokens |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| algorithm | step s | generate s | train s (score+update) | response tokens |",
+              "|---|---|---|---|---|"]
     for a in algorithms:
         t = table[a]
-        ratio = f"{t['train_s'] / base['train_s']:.2f}x" if base else "-"
-        lines.append(f"| {a} | {t['step_s']:.1f} | {t['generate_s']:.1f} | {t['train_s']:.1f} | {ratio} | "
+        lines.append(f"| {a} | {t['step_s']:.1f} | {t['generate_s']:.1f} | {t['train_s']:.1f} | "
                      f"{t['response_len']:.1f} |")
     return "\n".join(lines)
 
@@ -147,14 +148,6 @@ def plot(runs: dict, algorithms: list[str], path: Path, task: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":
