@@ -12,27 +12,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from sdpo_fast.algorithm import build_teacher_contexts, ema_update
+from sdpo_fast.bench.common import median_times
 from sdpo_fast.models import load_tokenizer
-
-
-def median_times(fns, repeats: int) -> list[float]:
-    """Median seconds of each function, run alternately (so machine noise hits all alike) after a warm-up."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, bucket in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def bench_reprompt(prompts: int, group: int, prompt_words: int, response_tokens: int, repeats: int) -> None:
@@ -50,7 +36,7 @@ def bench_reprompt(prompts: int, group: int, prompt_words: int, response_tokens:
             feedback.append("Traceback: AssertionError in test_3" if rng.random() < 0.5 else None)
     ctx = build_teacher_contexts(tok, messages, responses, rewards, groups, feedback)
     (seconds,) = median_times([lambda: build_teacher_contexts(tok, messages, responses, rewards, groups, feedback)],
-                              repeats)
+                              repeats=repeats)
     tokens = sum(len(ids) for ids in ctx.input_ids)
     print(f"build_teacher_contexts: {prompts}x{group} rollouts, {len(ctx.rows)} teacher rows, "
           f"{tokens} teacher tokens: {seconds * 1e3:.1f} ms median ({tokens / seconds / 1e6:.2f} M tokens/s)")
@@ -76,7 +62,7 @@ def bench_ema(repeats: int) -> None:
             for t, s in zip(teacher.parameters(), student.parameters()):
                 t.mul_(1 - 0.05).add_(s, alpha=0.05)
 
-    fused, plain = median_times([lambda: ema_update(teacher, student, 0.05), loop], repeats)
+    fused, plain = median_times([lambda: ema_update(teacher, student, 0.05), loop], repeats=repeats)
     print(f"EMA update, {count / 1e6:.0f}M fp32 params ({len(list(teacher.parameters()))} tensors): "
           f"foreach lerp {fused * 1e3:.1f} ms, per-parameter mul_/add_ {plain * 1e3:.1f} ms "
           f"(ratio {plain / fused:.2f}x)")

@@ -12,89 +12,17 @@ does not fit reports "out of memory" instead of waking the kernel's OOM killer.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import platform
-import resource
-import statistics
-import subprocess
-import time
 from datetime import date
 from pathlib import Path
 
 from tqdm import tqdm
 
+from sdpo_fast.bench.common import git_commit, write_json_atomically
+from sdpo_fast.bench.op import measure_isolated
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _child(impl: str, n: int, hidden: int, vocab: int, alpha: float, repeats: int, mem_limit: int,
-           chunk_elems: int | None, queue) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
-    try:
-        import torch
-
-        import sdpo_fast.distill.chunked as chunked
-        from sdpo_fast import linear_distill
-
-        if chunk_elems:
-            chunked.DEFAULT_CHUNK_ELEMS = chunk_elems
-
-        torch.manual_seed(0)
-        hs = torch.randn(n, hidden) / hidden**0.25
-        ht = torch.randn(n, hidden) / hidden**0.25
-        w = (torch.randn(vocab, hidden) / hidden**0.5).requires_grad_(True)
-        wt = torch.randn(vocab, hidden) / hidden**0.5
-        y = torch.randint(0, vocab, (n,))
-        g_div, g_logp = torch.rand(n), torch.randn(n)
-        _touch_libraries(linear_distill, impl, hidden)  # BLAS/thread-pool start-up is not the op's memory
-        base_rss = _rss_bytes()
-        times = []
-        for _ in range(repeats + 1):  # the first run is warm-up
-            h = hs.clone().requires_grad_(True)
-            w.grad = None
-            start = time.perf_counter()
-            out = linear_distill(h, ht, w, y, teacher_weight=wt, alpha=alpha, impl=impl)
-            ((out.divergence * g_div).sum() + (out.student_logp * g_logp).sum()).backward()
-            times.append(time.perf_counter() - start)
-            del out, h
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        queue.put({"ms": 1e3 * statistics.median(times[1:]), "extra_mb": (peak - base_rss) / 2**20})
-    except (MemoryError, RuntimeError) as exc:
-        queue.put({"error": "out of memory" if "alloc" in str(exc).lower() or isinstance(exc, MemoryError)
-                   else str(exc)[:200]})
-
-
-def _touch_libraries(linear_distill, impl: str, hidden: int) -> None:
-    import torch
-
-    h = torch.randn(8, hidden, requires_grad=True)
-    w = torch.randn(64, hidden, requires_grad=True)
-    out = linear_distill(h, h.detach(), w, torch.zeros(8, dtype=torch.long), impl=impl)
-    (out.divergence.sum() + out.student_logp.sum()).backward()
-
-
-def measure(impl: str, n: int, args) -> dict:
-    """Run one configuration in a fresh process and return its figures (or its error)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(impl, n, args.hidden, args.vocab, args.alpha, args.repeats,
-                                            int(args.mem_limit_gb * 2**30), args.chunk_elems, queue))
-    proc.start()
-    proc.join()
-    return queue.get() if not queue.empty() else {"error": f"child exited with code {proc.exitcode}"}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -113,7 +41,9 @@ def main() -> None:
     rows = []
     configs = [(n, impl) for n in args.n for impl in args.impls]
     for n, impl in tqdm(configs, desc="linear_distill fwd+bwd", unit="run"):
-        rows.append({"impl": impl, "n": n, **measure(impl, n, args)})
+        rows.append({"impl": impl, "n": n, **measure_isolated(
+            impl, n, hidden=args.hidden, vocab=args.vocab, alpha=args.alpha, repeats=args.repeats,
+            mem_limit_gb=args.mem_limit_gb, chunk_elems=args.chunk_elems)})
 
     import sdpo_fast.distill.chunked as chunked
 
@@ -129,11 +59,10 @@ def main() -> None:
         ratio_m = f"{100 * row['extra_mb'] / naive['extra_mb']:.1f}%" if naive else "-"
         print(f"{row['n']:>6} {row['impl']:>8} {row['ms']:>10.0f} {row['extra_mb']:>10.0f} {ratio_t:>11} {ratio_m:>10}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"date": date.today().isoformat(), "commit": _commit(), "machine": platform.processor() or
+    record = {"date": date.today().isoformat(), "commit": git_commit(), "machine": platform.processor() or
               platform.machine(), "cpus": mp.cpu_count(), "hidden": args.hidden, "vocab": args.vocab,
               "alpha": args.alpha, "repeats": args.repeats, "chunk_elems": args.chunk_elems, "rows": rows}
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomically(args.out, record)
     print(f"wrote {args.out}")
 
 

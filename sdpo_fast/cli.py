@@ -92,6 +92,19 @@ COMMANDS: dict[str, tuple[type, Callable]] = {"train": (TrainConfig, _train), "e
 COMMANDS.update({"ttsd": (TTSDConfig, _ttsd), "ttsd-experiment": (ExperimentConfig, _ttsd_experiment)})
 
 
+# `sdpo-fast bench`: op, scoring and step benchmarks on this device (sdpo_fast/bench/).
+from sdpo_fast.bench.config import BenchConfig  # noqa: E402  (dataclasses only; the benchmarks load lazily)
+
+
+def _bench(cfg: BenchConfig) -> None:
+    from sdpo_fast.bench.run import run_bench
+
+    run_bench(cfg)
+
+
+COMMANDS["bench"] = (BenchConfig, _bench)
+
+
 def parse(cls: type, args: list[str], prog: str):
     """Build `cls` from `--config FILE` (optional) and flags; exits with a message on a bad value."""
     pre = argparse.ArgumentParser(add_help=False)

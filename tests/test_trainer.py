@@ -106,6 +106,16 @@ def test_config_file_with_overrides_and_unknown_keys(tmp_path):
         parse(TrainConfig, ["--config", str(path)], prog="t")
 
 
+def test_demo_config_is_valid_and_builds_its_task():
+    from sdpo_fast.train.data import load_task
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = parse(TrainConfig, ["--config", str(root / "configs" / "demo.yaml")], prog="t")
+    assert cfg.model == "smollm2-135m" and cfg.reprompt.include_environment_feedback is False
+    task = load_task(cfg.task, seed=cfg.seed, heldout_size=cfg.eval.problems, options=cfg.task_options)
+    assert len(task.heldout) == cfg.eval.problems  # the demo evaluates every problem it asks for
+
+
 def _torchrun(args: list[str], out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

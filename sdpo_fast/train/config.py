@@ -77,6 +77,9 @@ class LossOptions:
     """None: full vocabulary (the fused op's strength); k: the student's top-k support (reference: 100)."""
     add_tail: bool = True
     is_clip: float | None = 2.0
+    """Truncation of the token-level importance weight min(p_trainer(y) / p_rollout(y), is_clip) that corrects
+    the mismatch between the rollout engine's and the trainer's log-probs (sdpo modes, --rollout vllm;
+    grpo/blend use the rollout log-probs in their clipped ratio instead). None: no correction."""
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = None
@@ -112,6 +115,27 @@ class RepromptOptions:
     def __post_init__(self) -> None:
         _unit("reprompt.success_reward_threshold", self.success_reward_threshold)
         _positive("reprompt.max_reprompt_len", self.max_reprompt_len)
+
+
+@dataclass
+class VLLMOptions:
+    """The vLLM rollout engine (--rollout vllm): one engine per rank, colocated with the trainer on its GPU."""
+
+    gpu_memory_utilization: float = 0.3
+    """Fraction of the GPU's memory vLLM takes for weights and KV cache while awake."""
+    max_model_len: int | None = None
+    """Longest prompt + response in tokens (None: the model's maximum; smaller saves KV-cache memory)."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    enforce_eager: bool = False
+    """Skip CUDA-graph capture (faster start, slower decoding)."""
+    sleep: bool = True
+    """Release vLLM's GPU memory (weights and KV cache) between generation and training."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.max_model_len is not None:
+            _positive("vllm.max_model_len", self.max_model_len)
 
 
 @dataclass
@@ -167,6 +191,10 @@ class TrainConfig:
     mixed_precision: bool = False
     """bf16 parameters / fp32 reductions under FSDP2 (GPU)."""
     activation_checkpointing: bool = False
+    rollout: Literal["hf", "vllm"] = "hf"
+    """Rollout backend: 'hf' (Hugging Face generate, any device) or 'vllm' (CUDA, `pip install 'sdpo-fast[gpu]'`;
+    its log-probs correct the sampler/trainer mismatch, see docs/scaling.md)."""
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     loss: LossOptions = field(default_factory=LossOptions)

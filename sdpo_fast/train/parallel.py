@@ -1,4 +1,5 @@
-"""Process group set-up and FSDP2 sharding (fully_shard per decoder layer, then the root).
+"""Process group set-up, FSDP2 sharding (fully_shard per decoder layer, then the root), and its inverse:
+full, Hugging Face-named copies of sharded parameters, one at a time (for a rollout engine's weights).
 
 One process without torchrun runs unsharded; under torchrun the backend is NCCL on CUDA and gloo on
 CPU. The root group holds the embeddings, the final norm and the LM head (tied embeddings stay in one
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -17,6 +19,11 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+# Module-name segments that wrappers insert into parameter names: activation checkpointing
+# (checkpoint_wrapper), FSDP1, torch.compile. FSDP2's fully_shard changes classes in place, not names.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
 
 
 @dataclass(frozen=True)
@@ -83,3 +90,33 @@ def shard_model(root: nn.Module, lm: nn.Module, runtime: Runtime, *, mixed_preci
         fully_shard(layer, **kwargs)
     fully_shard(root, **kwargs)
     return root
+
+
+def hf_param_name(name: str) -> str:
+    """The Hugging Face name of a parameter whose module path went through wrappers (WRAPPER_PREFIXES).
+
+    'model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.weight' -> 'model.layers.0.self_attn.q_proj.weight'
+    """
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached, unsharded copy of a (possibly FSDP2-sharded, i.e. DTensor) tensor; a collective when sharded."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, full tensor) for every parameter of `model`, gathered one parameter at a time.
+
+    Under FSDP2 every rank must consume the iterator to the end in the same order (each item is an
+    all-gather). `dtype` casts the local shard before gathering (bf16 halves the traffic). Tied parameters
+    appear once, under their first name (a tied LM head is absent, as in the model's state dict).
+    """
+    for name, param in model.named_parameters():
+        local = param.detach()
+        if dtype is not None:
+            local = local.to(dtype)
+        yield hf_param_name(name), full_tensor(local)

@@ -3,7 +3,12 @@ AdamW -> teacher update, with held-out evaluation, metrics, checkpoints and a Hu
 
 One process runs unsharded; under torchrun every rank takes its share of the step's prompts and the
 model is sharded with FSDP2 (see `parallel.py`). Phases are timed (generate / evaluate / score /
-update) and logged with the practitioner's metrics every step.
+update / weight sync) and logged with the practitioner's metrics and GPU telemetry every step.
+
+Rollouts come from Hugging Face generate on the policy itself (on-policy), or from a colocated vLLM engine
+(`rollout="vllm"`): the engine sleeps while the trainer scores and updates, gets the new weights after
+every optimizer step, and its per-token log-probs become the loss's `old_logp`, the importance correction
+of the mismatch between sampler and trainer (see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -36,14 +41,15 @@ from sdpo_fast.algorithm import compute_loss, grpo_advantages
 from sdpo_fast.algorithm.metrics import Metrics
 from sdpo_fast.envs import BatchEvaluator
 from sdpo_fast.models import load_model, load_tokenizer
-from sdpo_fast.rollout import SamplingConfig, generate
+from sdpo_fast.rollout import Rollouts, SamplingConfig, VLLMRollout, generate, require_vllm
 from sdpo_fast.train import checkpoint
 from sdpo_fast.train.config import TrainConfig
 from sdpo_fast.train.data import Task, load_task
 from sdpo_fast.train.evaluate import eos_ids, heldout_correct, prompt_ids
 from sdpo_fast.train.metrics import MetricsWriter, plot_metrics
-from sdpo_fast.train.parallel import Runtime, init_runtime, shard_model
+from sdpo_fast.train.parallel import Runtime, full_tensor, full_weights, init_runtime, shard_model
 from sdpo_fast.train.policy import Policy, TeacherBatch
+from sdpo_fast.train.telemetry import GPUTelemetry
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -60,14 +66,6 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
                       blend_lambda=lo.blend_lambda, adv_clip=lo.adv_clip, agg_mode=lo.agg_mode)
 
 
-def _full(weight: torch.Tensor) -> torch.Tensor:
-    """A detached, unsharded copy of a (possibly FSDP2-sharded) parameter."""
-    from torch.distributed.tensor import DTensor
-
-    weight = weight.detach()
-    return weight.full_tensor() if isinstance(weight, DTensor) else weight
-
-
 class Trainer:
     """One training run of `cfg` (see the module docstring)."""
 
@@ -75,6 +73,8 @@ class Trainer:
         """`task`: the problems and environment to use instead of loading `cfg.task`."""
         self.cfg = cfg
         self.rt: Runtime = init_runtime(cfg.device)
+        if cfg.rollout == "vllm":
+            require_vllm(self.rt.device)  # before any model is loaded
         if cfg.prompts_per_step % self.rt.world_size:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size "
                              f"{self.rt.world_size}")
@@ -105,6 +105,15 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)) if o.warmup_steps else 1.0)
         self.evaluator = BatchEvaluator(self.task.env, workers=cfg.env_workers, timeout_s=cfg.env_timeout_s)
+        self.telemetry = GPUTelemetry(self.rt.device, self.rt.rank)
+        self.vllm: VLLMRollout | None = None
+        if cfg.rollout == "vllm":
+            v = cfg.vllm
+            self.vllm = VLLMRollout(self.policy.lm, device=self.rt.device, seed=cfg.seed + self.rt.rank,
+                                    gpu_memory_utilization=v.gpu_memory_utilization, max_model_len=v.max_model_len,
+                                    dtype=v.dtype, enforce_eager=v.enforce_eager, sleep=v.sleep)
+            self._sync_rollout_weights()
+            self.vllm.sleep()  # keeps a CPU copy: evaluation and the first step's scoring need the GPU memory
         self.step = 0
 
     def _wrap(self, lm, reuse_kv: bool) -> Policy:
@@ -123,6 +132,8 @@ class Trainer:
             return self._fit()
         finally:
             self.evaluator.close()
+            if self.vllm is not None:
+                self.vllm.close()
 
     def _fit(self) -> dict:
         cfg = self.cfg
@@ -166,15 +177,14 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step on this rank's share of the step's prompts; returns the step's metrics."""
         cfg, G = self.cfg, self.cfg.rollouts_per_prompt
+        self.telemetry.begin()
         t0 = time.perf_counter()
         per_rank = cfg.prompts_per_step // self.rt.world_size
         problems = self.task.batch(self.step, cfg.prompts_per_step, cfg.seed)
         problems = problems[self.rt.rank * per_rank:(self.rt.rank + 1) * per_rank]
         messages = [self.task.messages(p) for p in problems]
         prompts = [self._prompt_ids(m) for m in messages]
-        rollouts = generate(self.policy, prompts, G, self.sampling, eos_token_ids=self.eos,
-                            pad_token_id=self.tokenizer.pad_token_id, batch_size=cfg.generation_batch_size)
-        _reshard(self.policy)
+        rollouts = self._generate(prompts)
         t_gen = time.perf_counter()
 
         texts = self.tokenizer.batch_decode(rollouts.responses, skip_special_tokens=True)
@@ -183,9 +193,11 @@ class Trainer:
         t_env = time.perf_counter()
 
         loss_metrics, loss_value = self._score_and_backward(messages, prompts, rollouts.responses, rewards,
-                                                            [e.feedback for e in evals])
+                                                            [e.feedback for e in evals], rollouts.logprobs)
         t_score = time.perf_counter()
         grad_norm = self._optimizer_step()
+        t_update = time.perf_counter()
+        self._sync_rollout_weights()
         t_end = time.perf_counter()
 
         lengths = [len(r) for r in rollouts.responses]
@@ -206,8 +218,10 @@ class Trainer:
             "time/generate_s": t_gen - t0,
             "time/evaluate_s": t_env - t_gen,
             "time/score_s": t_score - t_env,
-            "time/update_s": t_end - t_score,
+            "time/update_s": t_update - t_score,
             "time/step_s": t_end - t0,
+            **({"time/weight_sync_s": t_end - t_update} if self.vllm is not None else {}),
+            **self._gather_over_ranks(self.telemetry.end()),
         })
         return metrics
 
@@ -220,7 +234,9 @@ class Trainer:
                              f"prompt and one chat per prompt, got {len(responses)} responses, {len(prompts)} "
                              f"prompts, {len(messages)} chats")
         metrics, loss = self._score_and_backward(messages, prompts, responses, rewards, feedback)
-        return {**metrics, "loss": loss, "grad_norm": float(self._optimizer_step())}
+        grad_norm = float(self._optimizer_step())
+        self._sync_rollout_weights()
+        return {**metrics, "loss": loss, "grad_norm": grad_norm}
 
     def _optimizer_step(self) -> torch.Tensor:
         """Clip, step, schedule, zero the gradients, move the teacher; returns the pre-clip grad norm."""
@@ -232,8 +248,30 @@ class Trainer:
             self.teacher.after_step()
         return grad_norm
 
-    def _score_and_backward(self, messages, prompts, responses, rewards, feedback) -> tuple[dict, float]:
-        """Teacher contexts, micro-batched scoring with the fused op, and backward; returns (metrics, loss)."""
+    def _generate(self, prompts: list[list[int]]) -> Rollouts:
+        """This rank's rollouts: vLLM (then put to sleep until the next weight push) or HF generate."""
+        G = self.cfg.rollouts_per_prompt
+        if self.vllm is not None:
+            rollouts = self.vllm.generate(prompts, G, self.sampling, eos_token_ids=self.eos)
+            self.vllm.sleep(discard_weights=True)  # `_sync_rollout_weights` reloads them after the update
+            return rollouts
+        rollouts = generate(self.policy, prompts, G, self.sampling, eos_token_ids=self.eos,
+                            pad_token_id=self.tokenizer.pad_token_id, batch_size=self.cfg.generation_batch_size)
+        _reshard(self.policy)
+        return rollouts
+
+    def _sync_rollout_weights(self) -> None:
+        """Push the policy's weights into the vLLM engine, one gathered parameter at a time (no-op with HF)."""
+        if self.vllm is not None:
+            self.vllm.load_weights(full_weights(self.policy.lm, dtype=getattr(torch, self.cfg.vllm.dtype)))
+
+    def _score_and_backward(self, messages, prompts, responses, rewards, feedback,
+                            rollout_logp: list[torch.Tensor] | None = None) -> tuple[dict, float]:
+        """Teacher contexts, micro-batched scoring with the fused op, and backward; returns (metrics, loss).
+
+        rollout_logp: the sampler's per-token log-probs of each response (vLLM), the loss's `old_logp`;
+        None: the responses are on-policy (HF generate from this very policy).
+        """
         cfg, G, lcfg = self.cfg, self.cfg.rollouts_per_prompt, self.loss_cfg
         n = len(responses)
         groups = [self.rt.rank * 1_000_000 + i // G for i in range(n)]
@@ -242,6 +280,14 @@ class Trainer:
         for i, r in enumerate(responses):
             targets[i, : len(r)] = torch.tensor(r)
         response_mask = targets != IGNORE
+        old_logp = None
+        if rollout_logp is not None:
+            old_logp = torch.zeros(n, width)
+            for i, lp in enumerate(rollout_logp):
+                if lp.shape != (len(responses[i]),):
+                    raise ValueError(f"rollout log-probs of response {i} have shape {tuple(lp.shape)}, expected "
+                                     f"({len(responses[i])},)")
+                old_logp[i, : len(lp)] = lp
 
         ctx, extra = None, {}
         if self.teacher is not None:
@@ -266,12 +312,15 @@ class Trainer:
             teacher = self._teacher_batch(ctx, teacher_index, rows, teacher_head) if self.teacher else None
             out = self.policy(seqs, starts, op_targets[rows], teacher, distill)
             dev = self.rt.device
-            common = dict(advantages=advantages[rows].to(dev) if advantages is not None else None)
+            common = dict(advantages=advantages[rows].to(dev) if advantages is not None else None,
+                          old_logp=old_logp[rows].to(dev) if old_logp is not None else None)
             if teacher is None:
                 batch = TokenBatch(mask=mask[rows].to(dev), student_logp=out.logp, entropy=out.entropy, **common)
             else:
                 batch = TokenBatch.from_distill(out, mask[rows].to(dev), sd_mask=ctx.mask[rows].to(dev), **common)
             loss = compute_loss(lcfg, agg, batch, metrics)
+            if batch.old_logp is not None:
+                metrics.add("rollout/logp_abs_diff", (batch.student_logp - batch.old_logp).abs(), batch.mask)
             loss.backward()
             total += float(loss.detach())
         if self.teacher_policy is not None:
@@ -282,7 +331,7 @@ class Trainer:
         """The teacher's LM head for this step (gathered once when sharded)."""
         if self.teacher is None:
             return None
-        heads = [_full(m.get_output_embeddings().weight) for m in self.teacher.scoring_models]
+        heads = [full_tensor(m.get_output_embeddings().weight) for m in self.teacher.scoring_models]
         return self.teacher.teacher_head(heads)
 
     @torch.no_grad()
@@ -341,6 +390,7 @@ class Trainer:
         random.setstate(extras["python_rng"])
         np.random.set_state(extras["numpy_rng"])
         self.step = extras["step"]
+        self._sync_rollout_weights()
         log.info("resumed from %s at step %d", path, self.step)
 
     def export(self) -> Path:
@@ -371,6 +421,14 @@ class Trainer:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.rt.device)
         dist.all_reduce(t)
         return float(t)
+
+    def _gather_over_ranks(self, metrics: dict) -> dict:
+        """The union of every rank's `metrics` (keys distinct per rank, e.g. GPU telemetry)."""
+        if self.rt.world_size == 1:
+            return metrics
+        parts: list = [None] * self.rt.world_size
+        dist.all_gather_object(parts, metrics)
+        return {k: v for part in parts for k, v in part.items()}
 
     def _mean_over_ranks(self, metrics: dict) -> dict:
         if self.rt.world_size == 1:

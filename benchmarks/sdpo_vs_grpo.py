@@ -1,0 +1,154 @@
+"""SDPO vs GRPO on a built-in task at the same number of generations: held-out accuracy and step time.
+
+Runs `sdpo-fast train` once per (algorithm, seed) with identical settings (a YAML config plus the
+algorithm and seed), evaluating every `--eval-every` steps, then writes:
+- `sdpo_vs_grpo.json`: every run's accuracy-vs-generations curve and phase times, and the summary table;
+- `sdpo_vs_grpo.png`: mean held-out accuracy (with per-seed points) against generations;
+- a Markdown table on stdout: accuracy at each checkpoint (mean over seeds), and the median step time of
+  each algorithm, split into generation and training (score + update). Runs that went side by side share
+  the CPU, so their times compare only within one batch of `--jobs`; `sdpo-fast bench step` measures the
+  step-time ratio properly (interleaved, one process).
+
+    python benchmarks/sdpo_vs_grpo.py --config configs/demo.yaml --seeds 0 1 2 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from sdpo_fast.bench.common import device_name, git_commit, write_json_atomically
+
+TRAIN_PHASES = ("time/score_s", "time/update_s")
+
+
+def run(config: Path, algorithm: str, seed: int, out: Path, extra: list[str], max_steps: int) -> list[dict]:
+    """One training run of `max_steps` through the CLI (one thread, so that runs can go side by side);
+    returns its metrics rows up to `max_steps`. A run already in `out` that got that far is reused (runs are
+    deterministic and the learning rate is constant after warm-up, so a longer run's first steps are the
+    same as a shorter run's)."""
+    run_dir = out / f"{algorithm}-seed{seed}"
+    metrics = run_dir / "metrics.jsonl"
+
+    def rows() -> list[dict]:
+        return [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= max_steps]
+
+    if metrics.exists() and any(r["step"] == max_steps and "eval/accuracy" in r for r in rows()):
+        print(f"reusing {run_dir}", flush=True)
+        return rows()
+    cmd = [sys.executable, "-m", "sdpo_fast.cli", "train", "--config", str(config), "--algorithm", algorithm,
+           "--seed", str(seed), "--output-dir", str(run_dir), "--max-steps", str(max_steps), *extra]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    return rows()
+
+
+def curve(rows: list[dict], generations_per_step: int) -> tuple[list[int], list[float]]:
+    """(generations, held-out accuracy) at every evaluation of a run."""
+    points = [(r["step"] * generations_per_step, r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    return [g for g, _ in points], [a for _, a in points]
+
+
+def step_times(rows: list[dict]) -> dict[str, float]:
+    """Median seconds per step: total, generation, and training (score + update)."""
+    steps = [r for r in rows if "time/step_s" in r]
+    return {"step_s": float(np.median([r["time/step_s"] for r in steps])),
+            "generate_s": float(np.median([r["time/generate_s"] for r in steps])),
+            "train_s": float(np.median([sum(r[k] for k in TRAIN_PHASES) for r in steps])),
+            "response_len": float(np.mean([r["response/length_mean"] for r in steps]))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True, help="training YAML shared by every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--algorithms", nargs="+", default=["sdpo", "grpo", "blend"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/sdpo_vs_grpo"))
+    parser.add_argument("--max-steps", type=int, help="steps per run (default: the config's max_steps)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one thread each)")
+    args, extra = parser.parse_known_args()
+    cfg = yaml.safe_load(args.config.read_text())
+    per_step = cfg.get("prompts_per_step", 8) * cfg.get("rollouts_per_prompt", 4)
+    max_steps = args.max_steps or cfg["max_steps"]
+
+    jobs = [(a, s) for a in args.algorithms for s in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = pool.map(lambda job: run(args.config, *job, args.runs_dir, extra, max_steps), jobs)
+        runs = {}
+        for (algorithm, seed), rows in zip(jobs, results):
+            gens, acc = curve(rows, per_step)
+            runs[f"{algorithm}/{seed}"] = {"algorithm": algorithm, "seed": seed, "generations": gens,
+                                           "accuracy": acc, "times": step_times(rows)}
+
+    table = summarise(runs, args.algorithms)
+    record = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": device_name("cpu"),
+              "command": " ".join(sys.argv), "config": cfg, "max_steps": max_steps, "jobs": args.jobs,
+              "runs": runs, "summary": table}
+    write_json_atomically(args.out / "sdpo_vs_grpo.json", record)
+    plot(runs, args.algorithms, args.out / "sdpo_vs_grpo.png", cfg.get("task", "?"))
+    print(markdown(table, args.algorithms))
+
+
+def summarise(runs: dict, algorithms: list[str]) -> dict:
+    """Mean / min / max accuracy per checkpoint and median step times per algorithm."""
+    out = {}
+    for algorithm in algorithms:
+        mine = [r for r in runs.values() if r["algorithm"] == algorithm]
+        acc = np.array([r["accuracy"] for r in mine])
+        out[algorithm] = {"generations": mine[0]["generations"], "accuracy_mean": acc.mean(0).tolist(),
+                          "accuracy_min": acc.min(0).tolist(), "accuracy_max": acc.max(0).tolist(),
+                          **{k: float(np.median([r["times"][k] for r in mine])) for k in mine[0]["times"]}}
+    return out
+
+
+def markdown(table: dict, algorithms: list[str]) -> str:
+    gens = table[algorithms[0]]["generations"]
+    lines = ["| generations | " + " | ".join(f"{a} accuracy (mean [min, max])" for a in algorithms) + " |",
+             "|---" * (len(algorithms) + 1) + "|"]
+    for i, g in enumerate(gens):
+        cells = [f"{table[a]['accuracy_mean'][i]:.3f} [{table[a]['accuracy_min'][i]:.3f}, "
+                 f"{table[a]['accuracy_max'][i]:.3f}]" for a in algorithms]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines += ["", "| algorithm | step s | generate s | train s (score+update) | response tokens |",
+              "|---|---|---|---|---|"]
+    for a in algorithms:
+        t = table[a]
+        lines.append(f"| {a} | {t['step_s']:.1f} | {t['generate_s']:.1f} | {t['train_s']:.1f} | "
+                     f"{t['response_len']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict, algorithms: list[str], path: Path, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for algorithm, color in zip(algorithms, ("tab:blue", "tab:orange", "tab:green")):
+        mine = [r for r in runs.values() if r["algorithm"] == algorithm]
+        for r in mine:
+            ax.scatter(r["generations"], r["accuracy"], color=color, alpha=0.3, s=12)
+        ax.plot(mine[0]["generations"], np.mean([r["accuracy"] for r in mine], 0), color=color, marker="o",
+                label=f"{algorithm} (mean of {len(mine)} seeds)")
+    ax.set_xlabel("generations (rollouts sampled)")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_title(f"SDPO vs GRPO on {task}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

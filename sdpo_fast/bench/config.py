@@ -1,0 +1,111 @@
+"""Options of `sdpo-fast bench` (dataclasses parsed by tyro). Shape options left at None take the
+device's default: small on CPU (a few minutes on 2 cores), LLM-sized on a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+SECTIONS = ("op", "scoring", "step")
+
+
+@dataclass
+class OpOptions:
+    """The fused op `linear_distill`, forward + backward, per implementation."""
+
+    n: list[int] | None = None
+    """Token counts (CPU default 256 1024; GPU 2048 8192)."""
+    hidden: int | None = None
+    """CPU default 512; GPU 4096."""
+    vocab: int | None = None
+    """CPU default 32000; GPU 151936."""
+    alpha: float = 0.5
+    impls: list[str] | None = None
+    """CPU default naive chunked; GPU adds triton and liger (when installed)."""
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """GPU only; CPU runs fp32."""
+    warmup: int = 1
+    repeats: int = 3
+
+
+@dataclass
+class ScoringOptions:
+    """Shared-prefix scoring against the unshared batch."""
+
+    shapes: list[str] = field(default_factory=lambda: ["256x64", "64x256"])
+    """PROMPTxRESPONSE token counts."""
+    g: int = 8
+    """Rollouts per prompt."""
+    demo: int = 64
+    """Demonstration tokens in the teacher context."""
+    layers: int = 4
+    hidden: int = 256
+    backends: list[str] | None = None
+    """CPU default dense segments; GPU dense segments flex."""
+    max_row_tokens: int = 8192
+    warmup: int = 1
+    repeats: int = 3
+
+
+@dataclass
+class StepOptions:
+    """Whole training steps, SDPO vs GRPO."""
+
+    model: str = "tiny-random"
+    task: str = "arithmetic"
+    prompts: int = 2
+    rollouts: int = 4
+    max_new_tokens: int = 16
+    micro_batch_size: int = 8
+    rollout: Literal["hf", "vllm"] = "hf"
+    warmup: int = 1
+    steps: int = 3
+
+
+@dataclass
+class BenchConfig:
+    """Benchmark the engine on this machine: the fused op, shared-prefix scoring and training steps; prints
+    ratio tables and writes bench.json and PNG plots to --out-dir."""
+
+    only: list[Literal["op", "scoring", "step"]] = field(default_factory=lambda: list(SECTIONS))
+    """Sections to run."""
+    out_dir: Path = Path("runs/bench")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    op: OpOptions = field(default_factory=OpOptions)
+    scoring: ScoringOptions = field(default_factory=ScoringOptions)
+    step: StepOptions = field(default_factory=StepOptions)
+
+    def __post_init__(self) -> None:
+        for name, value in (("op.warmup", self.op.warmup), ("scoring.warmup", self.scoring.warmup),
+                            ("step.warmup", self.step.warmup)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name, value in (("op.repeats", self.op.repeats), ("scoring.repeats", self.scoring.repeats),
+                            ("step.steps", self.step.steps), ("scoring.g", self.scoring.g)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for shape in self.scoring.shapes:
+            parts = shape.split("x")
+            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"scoring.shapes: {shape!r} is not PROMPTxRESPONSE, e.g. 256x64")
+
+
+def command_line(cfg: BenchConfig) -> str:
+    """The `sdpo-fast bench` command that reproduces `cfg`: flags for the fields that differ from the defaults."""
+    flags: list[str] = []
+
+    def walk(obj, default, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value, base = getattr(obj, f.name), getattr(default, f.name)
+            name = prefix + f.name.replace("_", "-")
+            if dataclasses.is_dataclass(value):
+                walk(value, base, name + ".")
+            elif value != base:
+                values = value if isinstance(value, list) else [value]
+                flags.append(" ".join([f"--{name}", *(shlex.quote(str(v)) for v in values)]))
+
+    walk(cfg, BenchConfig(), "")
+    return " ".join(["sdpo-fast bench", *flags])
