@@ -8,6 +8,7 @@ of the runs is defined (an unsolved run says nothing about attempts past its bud
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -57,7 +58,7 @@ def plot_discovery(curves: dict[str, list[float]], ks: Sequence[int], runs: int,
     ax.set_xlabel("attempts k")
     ax.set_ylabel("discovery@k")
     ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 70), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
