@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sdpo_fast.bench.common import git_commit, write_json_atomically
+from sdpo_fast.bench.common import git_commit
+from sdpo_fast.files import write_json
 from sdpo_fast.bench.op import measure_isolated
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,7 +63,7 @@ def main() -> None:
     record = {"date": date.today().isoformat(), "commit": git_commit(), "machine": platform.processor() or
               platform.machine(), "cpus": mp.cpu_count(), "hidden": args.hidden, "vocab": args.vocab,
               "alpha": args.alpha, "repeats": args.repeats, "chunk_elems": args.chunk_elems, "rows": rows}
-    write_json_atomically(args.out, record)
+    write_json(args.out, record)
     print(f"wrote {args.out}")
 
 

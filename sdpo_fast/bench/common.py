@@ -1,13 +1,11 @@
-"""Helpers every benchmark shares: interleaved median timing, the machine's description, git commit, JSON."""
+"""Helpers every benchmark shares: interleaved median timing, the machine's description, git commit."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -56,14 +54,3 @@ def git_commit() -> str:
                               check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def write_json_atomically(path: Path, record: dict) -> None:
-    """Write `record` as indented JSON; readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -54,7 +54,8 @@ def _ratio(value: float | None, pct: bool = False) -> str:
 
 def op_table(section: dict) -> str:
     lines = [f"fused op linear_distill fwd+bwd: H={section['hidden']} V={section['vocab']} {section['dtype']}, "
-             f"alpha={section['alpha']}, median of {section['repeats']}; torch.mm {section['matmul_tflops']:.3g} TFLOP/s",
+             f"alpha={section['alpha']}, median of {section['repeats']}; "
+             f"torch.mm {section['matmul_tflops']:.3g} TFLOP/s",
              f"{'N':>6} {'impl':>8} {'ms':>10} {'TFLOP/s':>8} {'% mm':>6} {'extra MB':>9} {'time/naive':>11} "
              f"{'mem/naive':>10}"]
     for r in section["rows"]:

@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from sdpo_fast.bench import report
-from sdpo_fast.bench.common import device_name, git_commit, write_json_atomically
+from sdpo_fast.bench.common import device_name, git_commit
 from sdpo_fast.bench.config import BenchConfig, OpOptions, ScoringOptions, StepOptions, command_line
+from sdpo_fast.files import plain, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -118,7 +119,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "command": command_line(cfg), "torch": torch.__version__, "python": platform.python_version(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average_1m": {"start": os.getloadavg()[0]},  # other jobs on the machine skew absolute times
-        "config": _plain(dataclasses.asdict(cfg)),
+        "config": plain(dataclasses.asdict(cfg)),
     }
     out = Path(cfg.out_dir)
     with tqdm(total=sum(ticks[s] for s in sections), desc="sdpo-fast bench", unit="case", dynamic_ncols=True) as bar:
@@ -128,15 +129,6 @@ def run_bench(cfg: BenchConfig) -> dict:
     for name in sections:
         print("\n" + report.TABLES[name](record[name]))
         record[name]["plot"] = str(report.PLOTS[name](record[name], out / f"{name}.png"))
-    write_json_atomically(out / "bench.json", record)
+    write_json(out / "bench.json", record)
     print(f"\nwrote {out / 'bench.json'} and {', '.join(f'{s}.png' for s in sections)}")
     return record
-
-
-def _plain(value):
-    """Paths as strings (JSON-friendly)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value) if isinstance(value, Path) else value

@@ -4,7 +4,8 @@ An environment is any picklable object with `evaluate(problem: dict, response: s
 (reward in [0, 1], feedback text, details for logging). `BatchEvaluator` runs a batch in a pool of worker
 processes with a timeout per item; an item whose evaluation raises, hangs past the timeout or kills its
 worker gets reward 0 and an `"error"` in its details, and the rest of the batch (and the caller) carry
-on; sandboxed processes a stopped worker leaves behind are killed (`sweep_abandoned_slots`). Results come back in input order and do not depend on scheduling.
+on; sandboxed processes a stopped worker leaves behind are killed (`sweep_abandoned_slots`). Results
+come back in input order and do not depend on scheduling.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@
 hash of its prompt (1 in 5 held out), so "train" and "heldout" never share a problem whatever the seed.
 Direct-answer problems are scored by `AnswerEnv`: the reply should end with a line `Answer: <answer>`;
 without one, the last number (number answers) or the last quoted word (text answers) is taken, and
-only a reply with neither is a format error. Its feedback names what was wrong, at the level of `feedback`: "format" (only format problems),
+only a reply with neither is a format error. Its feedback names what was wrong, at the level of
+`feedback`: "format" (only format problems),
 "hint" (default: how the answer is wrong, without giving it away: too large or small, which digits or
 characters differ, the expected length), or "answer" (also states the correct answer).
 """

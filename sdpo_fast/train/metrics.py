@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from sdpo_fast.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
-            _write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")
@@ -99,12 +100,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return value
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _tensorboard(log_dir: Path):

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from tqdm import tqdm
 
+from sdpo_fast.files import plain
 from sdpo_fast.algorithm import Aggregator, LossConfig, RepromptConfig, Teacher, TokenBatch, build_teacher_contexts
 from sdpo_fast.algorithm import compute_loss, grpo_advantages
 from sdpo_fast.algorithm.metrics import Metrics
@@ -141,7 +142,7 @@ class Trainer:
             self._resume()
         elif self.rt.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
+            (self.out / "config.yaml").write_text(yaml.safe_dump(plain(asdict(cfg)), sort_keys=False))
         self._barrier()
         writer = MetricsWriter(self.out / "metrics.jsonl", tensorboard_dir=self.out / "tensorboard",
                                resume_step=self.step if cfg.resume else None) if self.rt.is_main else None
@@ -452,11 +453,3 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
-def _plain(value):
-    """A config dict with paths as strings (YAML-friendly)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value) if isinstance(value, Path) else value

@@ -32,7 +32,7 @@ from sdpo_fast.envs import Environment
 from sdpo_fast.rollout import generate
 from sdpo_fast.train.data import Task
 from sdpo_fast.train.evaluate import prompt_ids
-from sdpo_fast.train.metrics import _write_atomically
+from sdpo_fast.files import write_atomically
 from sdpo_fast.train.trainer import Trainer, _seed_everything
 from sdpo_fast.ttsd.config import METHODS, Method, SearchOptions, TTSDConfig
 from sdpo_fast.ttsd.problems import problem_of
@@ -191,6 +191,6 @@ def run_ttsd(cfg: TTSDConfig, evaluator=None) -> SearchResult:
 
         result = searcher.search(problem, cfg.method, cfg.seed, on_round=on_round)
     outcome = {k: v for k, v in asdict(result).items() if k != "log"}
-    _write_atomically(cfg.output_dir / "solution.json",
+    write_atomically(cfg.output_dir / "solution.json",
                       json.dumps({"problem": problem, **outcome}, indent=1, default=str) + "\n")
     return result
