@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from sdpo_fast.bench.common import device_name, git_commit
-from sdpo_fast.files import write_json
+from sdpo_fast.files import save_figure, write_json
 
 TRAIN_PHASES = ("time/score_s", "time/update_s")
 
@@ -148,7 +148,7 @@ def plot(runs: dict, algorithms: list[str], path: Path, task: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

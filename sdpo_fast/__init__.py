@@ -4,7 +4,7 @@ The public names below are imported lazily, on first use, so that light subpacka
 environments, imported by every sandbox worker) do not pull in torch and transformers.
 """
 
-from importlib import import_module
+from sdpo_fast.lazy import lazy_exports
 
 _EXPORTS = {
     "sdpo_fast.distill": ("linear_distill", "DistillOutput", "linear_logprobs", "LogProbOutput"),
@@ -14,20 +14,5 @@ _EXPORTS = {
     "sdpo_fast.envs": ("BatchEvaluator", "CodeEnv", "Evaluation", "MathEnv", "evaluate_batch", "make_problems",
                        "task_env"),
 }
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_MODULE_OF)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sdpo_fast' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from sdpo_fast.files import save_figure
 
 # Published figures (other hardware and shapes) the measured ratios are read against.
 ANCHORS = {
@@ -168,12 +169,5 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    """Save as PNG through a temporary file, so a reader never sees half an image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110, format="png")
-    _pyplot().close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sdpo_fast.files import write_atomically
+from sdpo_fast.files import save_figure, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,7 @@ def plot_metrics(path: Path, out: Path, keys: tuple[str, ...] = PLOT_KEYS) -> Pa
     for ax in list(axes.flat)[len(present):]:
         ax.set_visible(False)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def _plain(value: Any) -> Any:

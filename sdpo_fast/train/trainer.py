@@ -36,11 +36,11 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from tqdm import tqdm
 
-from sdpo_fast.files import plain
 from sdpo_fast.algorithm import Aggregator, LossConfig, RepromptConfig, Teacher, TokenBatch, build_teacher_contexts
 from sdpo_fast.algorithm import compute_loss, grpo_advantages
 from sdpo_fast.algorithm.metrics import Metrics
 from sdpo_fast.envs import BatchEvaluator
+from sdpo_fast.files import plain, write_atomically
 from sdpo_fast.models import load_model, load_tokenizer
 from sdpo_fast.rollout import Rollouts, SamplingConfig, VLLMRollout, generate, require_vllm
 from sdpo_fast.train import checkpoint
@@ -142,7 +142,7 @@ class Trainer:
             self._resume()
         elif self.rt.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(plain(asdict(cfg)), sort_keys=False))
+            write_atomically(self.out / "config.yaml", yaml.safe_dump(plain(asdict(cfg)), sort_keys=False))
         self._barrier()
         writer = MetricsWriter(self.out / "metrics.jsonl", tensorboard_dir=self.out / "tensorboard",
                                resume_step=self.step if cfg.resume else None) if self.rt.is_main else None

@@ -12,6 +12,8 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
+from sdpo_fast.files import save_figure
+
 
 def discovery_at_k(first_success: Sequence[int | None], ks: Sequence[int]) -> list[float]:
     """discovery@k for each k in `ks` from the runs' first-success attempts (None: unsolved)."""
@@ -62,9 +64,4 @@ def plot_discovery(curves: dict[str, list[float]], ks: Sequence[int], runs: int,
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)

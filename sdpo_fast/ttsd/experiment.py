@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sdpo_fast.files import write_atomically
+from sdpo_fast.files import write_json
 from sdpo_fast.train.metrics import read_metrics
 from sdpo_fast.ttsd.config import ExperimentConfig
 from sdpo_fast.ttsd.discovery import discovery_at_k, discovery_table, plot_discovery
@@ -78,6 +78,6 @@ def summarize(cfg: ExperimentConfig, runs: list[dict], problems: dict[int, dict]
                "runs_per_method": n, "ks": ks, "discovery": curves, "table": table,
                "runs": [{k: v for k, v in r.items() if k != "settings"} for r in runs]}
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(Path(str(cfg.output) + ".json"), json.dumps(summary, indent=1) + "\n")
+    write_json(Path(str(cfg.output) + ".json"), summary, indent=1)
     plot_discovery(curves, ks, n, Path(str(cfg.output) + ".png"), title)
     return summary
