@@ -43,8 +43,8 @@ def _train(cfg: TrainConfig) -> None:
         after = summary.get("eval/accuracy")
         if before is not None and after is not None:
             print(f"held-out accuracy: {before:.3f} -> {after:.3f} ({cfg.eval.problems} problems, greedy)")
-        print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}  plot: {cfg.output_dir / 'curves.png'}  "
-              f"model: {cfg.output_dir / 'model'}")
+        model = f"  model: {cfg.output_dir / 'model'}" if cfg.export else ""
+        print(f"metrics: {cfg.output_dir / 'metrics.jsonl'}  plot: {cfg.output_dir / 'curves.png'}{model}")
 
 
 def _eval(cfg: EvalConfig) -> None:

@@ -80,12 +80,21 @@ def test_sampled_token_sdpo_and_topk(tmp_path):
     assert read_metrics(tmp_path / "topk" / "metrics.jsonl")[-1]["grad_norm"] > 0
 
 
+def test_metrics_only_run_writes_no_checkpoint_and_no_model(tmp_path):
+    cfg = tiny_config(tmp_path, "--algorithm", "grpo", "--max-steps", "1", "--keep-checkpoints", "0",
+                      "--no-export")
+    run_trainer(cfg)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--max-steps", "0"], "max_steps"),
     (["--optim.lr", "-1"], "optim.lr"),
     (["--loss.alpha", "2"], "loss.alpha"),
     (["--loss.no-full-logit-distillation", "--loss.alpha", "0.5"], "alpha=1"),
     (["--algorithm", "ppo"], "algorithm"),
+    (["--keep-checkpoints", "0", "--save-every", "2"], "keep_checkpoints"),
 ])
 def test_bad_config_fails_fast_with_a_clear_message(args, message, capsys):
     start = time.perf_counter()

@@ -188,6 +188,10 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk (0: write none; a checkpoint holds model, optimizer and teacher, about
+    16 bytes per parameter)."""
+    export: bool = True
+    """Write the trained model as a Hugging Face directory (output_dir/model) at the end."""
     mixed_precision: bool = False
     """bf16 parameters / fp32 reductions under FSDP2 (GPU)."""
     activation_checkpointing: bool = False
@@ -203,9 +207,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "prompts_per_step", "rollouts_per_prompt", "micro_batch_size",
-                     "generation_batch_size", "env_workers", "env_timeout_s", "keep_checkpoints"):
+                     "generation_batch_size", "env_workers", "env_timeout_s"):
             _positive(name, getattr(self, name))
         _positive("save_every", self.save_every, allow_zero=True)
+        _positive("keep_checkpoints", self.keep_checkpoints, allow_zero=True)
+        if self.save_every and not self.keep_checkpoints:
+            raise ValueError(f"save_every={self.save_every} needs keep_checkpoints >= 1 (0 writes no checkpoint)")
         _unit("tau", self.tau)
 
 

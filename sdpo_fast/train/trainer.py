@@ -161,14 +161,15 @@ class Trainer:
                 metrics["eval/accuracy"] = self.evaluate()
             if writer:
                 writer.log(self.step, metrics)
-            if last or (cfg.save_every and self.step % cfg.save_every == 0):
+            if cfg.keep_checkpoints and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
                 self.save()
             bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics['loss']:.3f}",
                             **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
             bar.update(1)
             summary.update(metrics)
         bar.close()
-        self.export()
+        if cfg.export:
+            self.export()
         if writer:
             writer.close()
             plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
