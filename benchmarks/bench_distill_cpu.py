@@ -20,8 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sdpo_fast.bench.common import git_commit
-from sdpo_fast.files import write_json
 from sdpo_fast.bench.op import measure_isolated
+from sdpo_fast.files import write_json
 
 RESULTS = Path(__file__).parent / "results"
 

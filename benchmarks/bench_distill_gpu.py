@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from sdpo_fast.bench.common import git_commit
-from sdpo_fast.files import write_json
 from sdpo_fast.bench.op import OpRow, matmul_tflops, measure
+from sdpo_fast.files import write_json
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from sdpo_fast.bench.common import git_commit
-from sdpo_fast.files import write_json
 from sdpo_fast.bench.scoring import run_shape, scoring_model
+from sdpo_fast.files import write_json
 from sdpo_fast.scoring.api import DEFAULT_MAX_ROW_TOKENS
 
 RESULTS = Path(__file__).parent / "results"

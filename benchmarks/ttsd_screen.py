@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from sdpo_fast.envs import BatchEvaluator
+from sdpo_fast.files import write_atomically
 from sdpo_fast.models import load_model, load_tokenizer
 from sdpo_fast.rollout import SamplingConfig, generate
 from sdpo_fast.train.evaluate import eos_ids, prompt_ids
-from sdpo_fast.files import write_atomically
 from sdpo_fast.ttsd import task_problems
 
 

@@ -29,10 +29,10 @@ import torch
 
 from sdpo_fast.algorithm.reprompt import FEEDBACK_TEMPLATE
 from sdpo_fast.envs import Environment
+from sdpo_fast.files import write_atomically
 from sdpo_fast.rollout import generate
 from sdpo_fast.train.data import Task
 from sdpo_fast.train.evaluate import prompt_ids
-from sdpo_fast.files import write_atomically
 from sdpo_fast.train.trainer import Trainer, _seed_everything
 from sdpo_fast.ttsd.config import METHODS, Method, SearchOptions, TTSDConfig
 from sdpo_fast.ttsd.problems import problem_of
