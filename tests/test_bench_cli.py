@@ -14,7 +14,7 @@ TINY = ["--op.n", "48", "--op.hidden", "32", "--op.vocab", "257", "--op.repeats"
         "--scoring.shapes", "24x8", "--scoring.g", "3", "--scoring.demo", "8", "--scoring.layers", "1",
         "--scoring.hidden", "32", "--scoring.warmup", "0", "--scoring.repeats", "1",
         "--step.prompts", "1", "--step.rollouts", "2", "--step.max-new-tokens", "4", "--step.warmup", "0",
-        "--step.steps", "1", "--device", "cpu"]
+        "--step.steps", "1", "--step.task-options", "digits", "1", "--device", "cpu"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -46,6 +46,9 @@ def test_bench_on_cpu_writes_ratios_json_and_plots(tmp_path, capsys):
     step = {r["algorithm"]: r for r in record["step"]["rows"]}
     assert step["grpo"]["step_vs_grpo"] == 1.0 and step["sdpo"]["step_vs_grpo"] > 0
     assert step["sdpo"]["step_s"] >= step["sdpo"]["score_s"] > 0
+    assert step["sdpo"]["teacher_tokens"] > 0 and step["grpo"]["teacher_tokens"] == 0
+    assert 0.0 <= step["sdpo"]["reward"] <= 1.0
+    assert record["step"]["task_options"] == {"digits": "1"} and "arithmetic (digits=1)" in printed
     assert not any(k.startswith("gpu") for r in step.values() for k in r)  # telemetry absent on CPU
 
     for name in ("op", "scoring", "step"):

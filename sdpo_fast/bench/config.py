@@ -56,6 +56,9 @@ class StepOptions:
 
     model: str = "tiny-random"
     task: str = "arithmetic"
+    task_options: dict[str, str] = field(default_factory=dict)
+    """Knobs of the built-in task, e.g. digits 1: the success rate decides how many teacher contexts
+    carry a shared demonstration rather than per-rollout feedback."""
     prompts: int = 2
     rollouts: int = 4
     max_new_tokens: int = 16

@@ -85,14 +85,17 @@ def scoring_table(section: dict) -> str:
 
 
 def step_table(section: dict) -> str:
-    lines = [f"training steps: {section['model']} on {section['task']}, {section['prompts']} prompts x "
+    options = " ".join(f"{k}={v}" for k, v in section.get("task_options", {}).items())
+    task = f"{section['task']} ({options})" if options else section["task"]
+    lines = [f"training steps: {section['model']} on {task}, {section['prompts']} prompts x "
              f"{section['rollouts']} rollouts, <= {section['max_new_tokens']} new tokens, rollout "
              f"{section['rollout']}, median of {section['steps']} after {section['warmup']} warm-up",
              f"{'algorithm':>9} {'step s':>8} {'generate':>9} {'evaluate':>9} {'score':>8} {'update':>8} "
-             f"{'tokens/s':>9} {'step/grpo':>10} {'train/grpo':>11}"]
+             f"{'tokens/s':>9} {'reward':>7} {'teacher tok':>11} {'step/grpo':>10} {'train/grpo':>11}"]
     for r in section["rows"]:
         lines.append(f"{r['algorithm']:>9} {r['step_s']:8.3f} {r['generate_s']:9.3f} {r['evaluate_s']:9.3f} "
                      f"{r['score_s']:8.3f} {r['update_s']:8.3f} {r['tokens_per_s']:9.0f} "
+                     f"{r['reward']:7.2f} {r['teacher_tokens']:11.0f} "
                      f"{_ratio(r.get('step_vs_grpo')):>10} {_ratio(r.get('train_vs_grpo')):>11}")
     for a in section["anchors"]:
         lines.append(f"  anchor: {a['name']}: {a['ratio_low']:.3f}x-{a['ratio_high']:.3f}x")

@@ -18,9 +18,11 @@ PHASES = ("time/generate_s", "time/evaluate_s", "time/score_s", "time/update_s",
 
 
 def step_config(algorithm: str, *, model: str, task: str, prompts: int, rollouts: int, max_new_tokens: int,
-                micro_batch_size: int, device: str, rollout: str, output_dir: Path) -> TrainConfig:
+                micro_batch_size: int, device: str, rollout: str, output_dir: Path,
+                task_options: dict[str, str] | None = None) -> TrainConfig:
     """A training config for benchmarking `algorithm` (no warm-up of the learning rate, no evaluation)."""
-    return TrainConfig(model=model, task=task, algorithm=algorithm, device=device, rollout=rollout,
+    return TrainConfig(model=model, task=task, task_options=dict(task_options or {}), algorithm=algorithm,
+                       device=device, rollout=rollout,
                        prompts_per_step=prompts, rollouts_per_prompt=rollouts, micro_batch_size=micro_batch_size,
                        env_workers=1, output_dir=Path(output_dir),
                        sampling=SamplingOptions(max_new_tokens=max_new_tokens),
@@ -58,6 +60,9 @@ def run_steps(configs: dict[str, TrainConfig], *, warmup: int = 1, steps: int = 
             if all(key in r for r in recs):
                 row[key.removeprefix("time/")] = statistics.median(r[key] for r in recs)
         row["tokens_per_s"] = statistics.median(r["throughput/tokens_per_s"] for r in recs)
+        row["reward"] = statistics.mean(r["reward/mean"] for r in recs)
+        # Tokens the teacher scores per step (0 for GRPO): what SDPO's extra cost grows with.
+        row["teacher_tokens"] = statistics.median(r.get("reprompt/teacher_tokens", 0.0) for r in recs)
         row.update({k: v for k, v in recs[-1].items() if k.startswith("gpu")})
         rows.append(row)
     return rows
