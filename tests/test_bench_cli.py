@@ -56,9 +56,10 @@ def test_bench_on_cpu_writes_ratios_json_and_plots(tmp_path, capsys):
 
 
 def test_bench_command_line_reproduces_the_config():
-    cfg = parse(BenchConfig, ["--only", "op", "step", "--op.n", "8", "16", "--step.max-new-tokens", "5"], prog="t")
+    cfg = parse(BenchConfig, ["--only", "op", "step", "--op.n", "8", "16", "--step.task-options", "digits", "1",
+                              "--step.max-new-tokens", "5"], prog="t")
     command = command_line(cfg)
-    assert command == "sdpo-fast bench --only op step --op.n 8 16 --step.max-new-tokens 5"
+    assert command == "sdpo-fast bench --only op step --op.n 8 16 --step.task-options digits 1 --step.max-new-tokens 5"
     assert parse(BenchConfig, shlex.split(command)[2:], prog="t") == cfg
 
 

@@ -107,7 +107,8 @@ def command_line(cfg: BenchConfig) -> str:
             if dataclasses.is_dataclass(value):
                 walk(value, base, name + ".")
             elif value != base:
-                values = value if isinstance(value, list) else [value]
+                values = ([w for kv in value.items() for w in kv] if isinstance(value, dict)
+                          else value if isinstance(value, list) else [value])
                 flags.append(" ".join([f"--{name}", *(shlex.quote(str(v)) for v in values)]))
 
     walk(cfg, BenchConfig(), "")
