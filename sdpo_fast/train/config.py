@@ -162,7 +162,8 @@ class TrainConfig:
     task: str = "arithmetic"
     """A built-in task ('arithmetic', 'string', 'code'), 'humaneval', 'code:FILE.jsonl' or 'math:FILE.jsonl'."""
     task_options: dict[str, str] = field(default_factory=dict)
-    """Knobs of a built-in task generator, e.g. digits=3 (and feedback=format|hint|answer)."""
+    """Knobs of a built-in task generator as KEY VALUE pairs, e.g. `--task-options digits 3 feedback hint`
+    (feedback: format|hint|answer)."""
     algorithm: Literal["sdpo", "grpo", "blend"] = "sdpo"
     teacher: Literal["ema", "live", "frozen", "trust_region"] = "ema"
     tau: float = 0.05

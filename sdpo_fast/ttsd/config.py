@@ -73,7 +73,7 @@ class TTSDConfig(SearchOptions):
     task: str = "arithmetic"
     """A built-in task ('arithmetic', 'string', 'code'), 'humaneval', or 'code:FILE.jsonl' / 'math:FILE.jsonl'."""
     task_options: dict[str, str] = field(default_factory=dict)
-    """Knobs of a built-in task generator, e.g. digits=3."""
+    """Knobs of a built-in task generator as KEY VALUE pairs, e.g. `--task-options digits 2 ops +`."""
     split: Literal["train", "heldout"] = "heldout"
     index: int = 0
     """Which problem of the task's split (0-based)."""
