@@ -107,8 +107,10 @@ def command_line(cfg: BenchConfig) -> str:
             if dataclasses.is_dataclass(value):
                 walk(value, base, name + ".")
             elif value != base:
-                values = ([w for kv in value.items() for w in kv] if isinstance(value, dict)
-                          else value if isinstance(value, list) else [value])
+                if isinstance(value, dict):  # tyro reads a dict as KEY VALUE pairs
+                    values = [word for pair in value.items() for word in pair]
+                else:
+                    values = value if isinstance(value, list) else [value]
                 flags.append(" ".join([f"--{name}", *(shlex.quote(str(v)) for v in values)]))
 
     walk(cfg, BenchConfig(), "")

@@ -92,8 +92,7 @@ def run_step(opts: StepOptions, device: str, bar: tqdm) -> dict:
     bar.set_postfix_str(f"steps sdpo vs grpo on {opts.model}")
     with tempfile.TemporaryDirectory(prefix="sdpo-fast-bench-") as tmp:
         configs = {name: step_config(name, model=opts.model, task=opts.task, task_options=opts.task_options,
-                                     prompts=opts.prompts,
-                                     rollouts=opts.rollouts, max_new_tokens=opts.max_new_tokens,
+                                     prompts=opts.prompts, rollouts=opts.rollouts, max_new_tokens=opts.max_new_tokens,
                                      micro_batch_size=opts.micro_batch_size, device=device, rollout=opts.rollout,
                                      output_dir=Path(tmp) / name)
                    for name in ("sdpo", "grpo")}

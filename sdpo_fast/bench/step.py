@@ -22,9 +22,8 @@ def step_config(algorithm: str, *, model: str, task: str, prompts: int, rollouts
                 task_options: dict[str, str] | None = None) -> TrainConfig:
     """A training config for benchmarking `algorithm` (no warm-up of the learning rate, no evaluation)."""
     return TrainConfig(model=model, task=task, task_options=dict(task_options or {}), algorithm=algorithm,
-                       device=device, rollout=rollout,
-                       prompts_per_step=prompts, rollouts_per_prompt=rollouts, micro_batch_size=micro_batch_size,
-                       env_workers=1, output_dir=Path(output_dir),
+                       device=device, rollout=rollout, prompts_per_step=prompts, rollouts_per_prompt=rollouts,
+                       micro_batch_size=micro_batch_size, env_workers=1, output_dir=Path(output_dir),
                        sampling=SamplingOptions(max_new_tokens=max_new_tokens),
                        eval=EvalOptions(problems=0))
 
