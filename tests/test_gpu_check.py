@@ -6,7 +6,7 @@ process, one JSON + one Markdown report) with tiny shapes, the Triton interprete
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import subprocess
@@ -22,12 +22,17 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["gpu_check"]
+    """The script's module (benchmarks/ is not a package: it goes on sys.path, as when the script runs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(SCRIPT.parent))
+        yield importlib.import_module("gpu_check")
+    for name in ("gpu_check", "gpu_check_sections", "gpu_check_report"):
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def sections(gpu_check):
+    return importlib.import_module("gpu_check_sections")  # imported by gpu_check
 
 
 @pytest.fixture(scope="module")
@@ -49,48 +54,48 @@ def _numbers(value):
         yield value
 
 
-def test_dry_run_report(dry_run, gpu_check):
+def test_dry_run_report(dry_run, gpu_check, sections):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((out / "gpu_check.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
     assert record["dry_run"] is True and record["commit"] and record["source_digest"]
-    sections = record["sections"]
-    assert list(sections) == list(gpu_check.SECTIONS)
+    results = record["sections"]
+    assert list(results) == list(sections.SECTIONS)
     for name in ("environment", "correctness", "op_benchmark", "bench", "gpu_tests"):
-        assert sections[name]["status"] == "ok", (name, sections[name])
+        assert results[name]["status"] == "ok", (name, results[name])
     for name in ("cuda_graph_triton", "cuda_graph_chunked"):
-        assert sections[name]["status"] == "skipped" and "CUDA" in sections[name]["reason"]
-    assert sections["resources"]["status"] in ("ok", "skipped")
-    assert all(s["seconds"] >= 0 and s["timeout_s"] > 0 for s in sections.values())
+        assert results[name]["status"] == "skipped" and "CUDA" in results[name]["reason"]
+    assert results["resources"]["status"] in ("ok", "skipped")
+    assert all(s["seconds"] >= 0 and s["timeout_s"] > 0 for s in results.values())
     assert all(math.isfinite(x) for x in _numbers(record))
 
-    env = sections["environment"]["figures"]
+    env = results["environment"]["figures"]
     # imported in place from the temporary tree of links, as on a machine where nothing is installed
     assert env["kernels_from"].endswith("src/sdpo_fast/kernels") and not env["kernels_from"].startswith(str(REPO))
 
-    rows = sections["correctness"]["figures"]["rows"]
+    rows = results["correctness"]["figures"]["rows"]
     checked = {(r["case"], r["impl"]) for r in rows}
-    for case in gpu_check.CASES:
+    for case in sections.CASES:
         impls = ("triton", "chunked") if case.topk is None else ("chunked",)
         assert {(case.name, impl) for impl in (*impls, "naive (baseline)")} <= checked
     assert all(r["ok"] for r in rows)
     fields = {r["field"] for r in rows}
     assert {"divergence", "student_logp", "advantage", "logp", "d_student_hidden", "d_weight"} <= fields
 
-    bench_rows = sections["op_benchmark"]["figures"]["rows"]
+    bench_rows = results["op_benchmark"]["figures"]["rows"]
     assert {r["impl"] for r in bench_rows} >= {"triton", "chunked", "naive"}
     assert all(r["error"] is None and r["ms"] > 0 and r["tflops"] > 0 for r in bench_rows)
-    bench = sections["bench"]["figures"]
+    bench = results["bench"]["figures"]
     assert bench["command"].startswith("sdpo-fast bench --only op scoring")
     assert bench["record"]["op"]["rows"] and bench["record"]["scoring"]["rows"]
-    tests = sections["gpu_tests"]["figures"]["gpu-marked"]
+    tests = results["gpu_tests"]["figures"]["gpu-marked"]
     assert tests["returncode"] == 0 and tests["skipped"] >= 1 and tests["failed"] == 0
 
     md = (out / "gpu_check.md").read_text()
     assert "dry run" in md and record["commit"] in md
-    for name in sections:
-        assert f"| {name} | {sections[name]['status']} |" in md
+    for name in results:
+        assert f"| {name} | {results[name]['status']} |" in md
 
 
 def test_a_section_past_its_time_limit_is_killed_and_recorded(gpu_check, tmp_path):
@@ -105,24 +110,26 @@ def test_a_failing_section_becomes_its_result(gpu_check, tmp_path, monkeypatch):
     def broken(plan, deadline):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setitem(gpu_check.SECTIONS, "environment", (broken, 1, 1))
+    monkeypatch.setitem(gpu_check.SECTIONS, "environment", (broken, 1, 1))  # the dict the child looks up
     gpu_check.run_child("environment", tmp_path / "r.json", time.time() + 60, dry=False)
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["status"] == "error" and result["reason"] == "RuntimeError: boom" and "boom" in result["traceback"]
 
 
-def test_junit_counts_keep_collection_errors_apart(gpu_check, tmp_path):
+def test_junit_counts_keep_collection_errors_apart(sections, tmp_path):
     xml = tmp_path / "j.xml"
     xml.write_text("""<testsuites><testsuite>
-      <testcase classname="" name="tests.test_envs_code"><error message="collection failure"/></testcase>
+      <testcase classname="" name="tests.test_envs_code"><error message="collection failure">tests/x.py:3: in &lt;module&gt;
+    import pebble
+E   ModuleNotFoundError: No module named 'pebble'</error></testcase>
       <testcase classname="tests.test_a" name="test_ok"/>
       <testcase classname="tests.test_a" name="test_bad"><failure message="assert 1 == 2"/></testcase>
       <testcase classname="tests.test_a" name="test_setup"><error message="fixture"/></testcase>
       <testcase classname="tests.test_a" name="test_skip"><skipped message="needs a CUDA GPU"/></testcase>
     </testsuite></testsuites>""")
-    counts = gpu_check._junit_counts(xml)
+    counts = sections._junit_counts(xml)
     assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (1, 1, 1, 1)
-    assert counts["collection_errors"] == ["tests.test_envs_code: collection failure"]
+    assert counts["collection_errors"] == ["tests.test_envs_code: ModuleNotFoundError: No module named 'pebble'"]
     assert counts["skip_reasons"] == {"needs a CUDA GPU": 1}
 
 
