@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -102,8 +103,8 @@ def run_child(name: str, result_file: Path, deadline: float, dry: bool) -> None:
     plan = DRY_PLAN if dry else GPU_PLAN
     set_partial_file(result_file.with_suffix(".partial"))
     try:
-        if dry:  # the interpreter's numpy BLAS pool fighting torch's threads makes it several times slower
-            from threadpoolctl import threadpool_limits
+        if dry and importlib.util.find_spec("threadpoolctl"):  # numpy's BLAS pool fighting torch's threads
+            from threadpoolctl import threadpool_limits  # makes the Triton interpreter several times slower
 
             threadpool_limits(limits=1, user_api="blas")
         result = SECTIONS[name][0](plan, deadline)

@@ -264,10 +264,10 @@ def section_correctness(plan: Plan, deadline: float) -> dict:
         del x
     failed = [r for r in rows if not r["ok"]]
     result = {"status": "failed" if failed or missing else "ok", "figures": figures}
-    if failed:
-        result["reason"] = f"{len(failed)} of {len(rows)} outputs outside the bound"
-    if missing:
-        result["reason"] = f"time limit: {len(missing)} cases not run"
+    reasons = [*([f"{len(failed)} of {len(rows)} outputs outside the bound or not run"] if failed else []),
+               *([f"time limit: {len(missing)} cases not run"] if missing else [])]
+    if reasons:
+        result["reason"] = "; ".join(reasons)
     return result
 
 
