@@ -9,6 +9,7 @@ from pathlib import Path
 
 REPORT_NAME = "gpu_check"
 
+
 def _fmt(value, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -28,13 +29,21 @@ def markdown(record: dict) -> str:
         note = (sec.get("reason") or "").replace("|", "/").replace("\n", " ")
         lines.append(f"| {name} | {sec['status']} | {sec.get('seconds', '-')} | {note} |")
     for name, sec in record["sections"].items():
-        render = RENDER.get(name)
         figures = sec.get("figures") or {}
-        if render and figures:
-            lines += ["", f"## {name}", "", *render(figures)]
+        if figures:
+            lines += ["", f"## {name}", "", *_rendered(name, figures)]
         if sec.get("log_tail") or sec.get("traceback"):
             lines += ["", f"{name}: log tail", "", "```", (sec.get("traceback") or sec["log_tail"])[-1500:], "```"]
     return "\n".join(lines) + "\n"
+
+
+def _rendered(name: str, figures: dict) -> list[str]:
+    """The section's own rendering; its figures as JSON when it has none or they lack a field (e.g. a section
+    cut short), so the report is always written."""
+    try:
+        return RENDER[name](figures)
+    except (KeyError, TypeError, ValueError):
+        return ["```", json.dumps(figures, indent=1, default=str)[:6000], "```"]
 
 
 def _render_environment(f: dict) -> list[str]:

@@ -36,6 +36,11 @@ def sections(gpu_check):
 
 
 @pytest.fixture(scope="module")
+def report_module(gpu_check):
+    return importlib.import_module("gpu_check_report")  # imported by gpu_check
+
+
+@pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True,
@@ -138,3 +143,25 @@ def test_bad_arguments_are_one_line_errors(gpu_check):
         gpu_check.parse_args(["--dry-run"])
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--out", "x", "--budget-s", "0"])
+
+
+def test_markdown_of_gpu_only_sections(report_module):
+    """The renderings the dry run cannot reach (graph capture, the resource report, a cut-short section)."""
+    graph = {"impl": "triton", "n": 2048, "hidden": 4096, "vocab": 151936, "dtype": "bf16",
+             "host_syncs_in_eager_step": 2, "sync_messages": ["called a synchronizing CUDA operation"]}
+    record = {"dry_run": False, "commit": "abc", "dirty": False, "source_digest": "d", "date": "today",
+              "command": "python3 benchmarks/gpu_check.py --out x", "budget_s": 480, "wall_s": 1.0, "sections": {
+                  "cuda_graph_triton": {"status": "failed", "reason": "capture failed: RuntimeError: x", "seconds": 3,
+                                        "figures": {**graph, "captured": False}},
+                  "cuda_graph_chunked": {"status": "ok", "seconds": 4, "figures": {
+                      **graph, "impl": "chunked", "captured": True, "replay_max_abs_diff": {"divergence": 0.0},
+                      "bitwise_equal": True, "tolerance": 1e-5}},
+                  "resources": {"status": "ok", "seconds": 5, "figures": {
+                      "command": "python -m sdpo_fast.kernels.resources", "returncode": 0, "output_tail": "0 failing"}},
+                  "op_benchmark": {"status": "timeout", "reason": "killed after 120 s", "seconds": 120,
+                                   "figures": {"rows": []}, "log_tail": "last line"}}}
+    md = report_module.markdown(record)
+    assert "| cuda_graph_triton | failed | 3 | capture failed: RuntimeError: x |" in md
+    assert "2 host synchronisations" in md and "captured: False" in md and "bitwise equal: True" in md
+    assert "0 failing" in md and "last line" in md
+    assert '"rows": []' in md  # a section cut short before its header figures: shown as JSON
