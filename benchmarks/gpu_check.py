@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shlex
 import signal
 import subprocess
@@ -69,9 +70,9 @@ def run_section(name: str, root: Path, work: Path, timeout: float, dry: bool) ->
     result_file, log = work / f"{name}.json", work / f"{name}.log"
     cmd = [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--child", name, "--result", str(result_file),
            "--deadline", str(time.time() + 0.85 * timeout), *(["--dry-run"] if dry else [])]
-    start = time.time()
+    start, cpu = time.time(), _children_cpu_s()
     rc = run_logged(cmd, log, timeout, cwd=root, env=child_env(root, dry))
-    seconds = round(time.time() - start, 1)
+    seconds, cpu_s = round(time.time() - start, 1), round(_children_cpu_s() - cpu, 1)
     if rc is None:
         result = {"status": "timeout", "reason": f"killed after {timeout:.0f} s"}
         partial = result_file.with_suffix(".partial")
@@ -81,10 +82,16 @@ def run_section(name: str, root: Path, work: Path, timeout: float, dry: bool) ->
         result = json.loads(result_file.read_text())
     else:
         result = {"status": "error", "reason": f"the section's process exited with code {rc} and no result"}
-    result.update(seconds=seconds, timeout_s=round(timeout), returncode=rc)
+    result.update(seconds=seconds, cpu_s=cpu_s, timeout_s=round(timeout), returncode=rc)
     if result["status"] not in ("ok", "skipped"):
         result["log_tail"] = tail(log, TAIL_CHARS)
     return result
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds used so far by this process's finished children and their descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def child_env(root: Path, dry: bool) -> dict:

@@ -24,10 +24,10 @@ def markdown(record: dict) -> str:
              f"source digest {record['source_digest']}; date {record['date']}",
              f"- command: `{record['command']}`; wall time {record.get('wall_s', '?')} s of a "
              f"{record['budget_s']} s budget",
-             "", "| section | status | seconds | note |", "|---|---|---:|---|"]
+             "", "| section | status | seconds | CPU seconds | note |", "|---|---|---:|---:|---|"]
     for name, sec in record["sections"].items():
         note = (sec.get("reason") or "").replace("|", "/").replace("\n", " ")
-        lines.append(f"| {name} | {sec['status']} | {sec.get('seconds', '-')} | {note} |")
+        lines.append(f"| {name} | {sec['status']} | {sec.get('seconds', '-')} | {sec.get('cpu_s', '-')} | {note} |")
     for name, sec in record["sections"].items():
         figures = sec.get("figures") or {}
         if figures:

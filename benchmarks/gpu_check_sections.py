@@ -47,7 +47,7 @@ class Plan:
 
 GPU_PLAN = Plan(dry=False, device="cuda", dtype="bf16", hidden=4096, vocab=151936, n=(2048, 8192), ref_rows=2048,
                 bench_alphas=(0.0, 0.5, 1.0), warmup=3, repeats=10, mm_size=8192, graph_n=2048, budget_s=480)
-DRY_PLAN = Plan(dry=True, device="cpu", dtype="fp32", hidden=64, vocab=1003, n=(40,), ref_rows=16,
+DRY_PLAN = Plan(dry=True, device="cpu", dtype="fp32", hidden=64, vocab=300, n=(40,), ref_rows=16,
                 bench_alphas=(0.5,), warmup=0, repeats=1, mm_size=256, graph_n=48, budget_s=300)
 
 # Bound on max |got - ref| per output: the plain-torch error in the same dtype (impl="naive" in that dtype) plus

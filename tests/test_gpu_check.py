@@ -72,7 +72,7 @@ def test_dry_run_report(dry_run, gpu_check, sections):
     for name in ("cuda_graph_triton", "cuda_graph_chunked"):
         assert results[name]["status"] == "skipped" and "CUDA" in results[name]["reason"]
     assert results["resources"]["status"] in ("ok", "skipped")
-    assert all(s["seconds"] >= 0 and s["timeout_s"] > 0 for s in results.values())
+    assert all(s["seconds"] >= 0 and s["cpu_s"] >= 0 and s["timeout_s"] > 0 for s in results.values())
     assert all(math.isfinite(x) for x in _numbers(record))
 
     env = results["environment"]["figures"]
@@ -100,7 +100,7 @@ def test_dry_run_report(dry_run, gpu_check, sections):
     md = (out / "gpu_check.md").read_text()
     assert "dry run" in md and record["commit"] in md
     for name in results:
-        assert f"| {name} | {results[name]['status']} |" in md
+        assert f"| {name} | {results[name]['status']} | {results[name]['seconds']} |" in md
 
 
 def test_a_section_past_its_time_limit_is_killed_and_recorded(gpu_check, tmp_path):
@@ -161,7 +161,7 @@ def test_markdown_of_gpu_only_sections(report_module):
                   "op_benchmark": {"status": "timeout", "reason": "killed after 120 s", "seconds": 120,
                                    "figures": {"rows": []}, "log_tail": "last line"}}}
     md = report_module.markdown(record)
-    assert "| cuda_graph_triton | failed | 3 | capture failed: RuntimeError: x |" in md
+    assert "| cuda_graph_triton | failed | 3 | - | capture failed: RuntimeError: x |" in md
     assert "2 host synchronisations" in md and "captured: False" in md and "bitwise equal: True" in md
     assert "0 failing" in md and "last line" in md
     assert '"rows": []' in md  # a section cut short before its header figures: shown as JSON
