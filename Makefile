@@ -35,7 +35,7 @@ bench: $(STAMP)
 
 # One-command check of a CUDA machine (torch and triton already installed; no .venv, no network): the op's
 # correctness at H=4096, V=151936 against float64, its benchmark, CUDA graphs, the GPU tests and
-# `sdpo-fast bench --only op scoring`, in one JSON + one Markdown report. On CPU: --dry-run.
+# `sdpo-fast bench --only op scoring`, in one JSON + one Markdown report (CPU check of the script: --dry-run).
 GPU_CHECK_OUT ?= benchmarks/results/gpu_check
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)

@@ -59,6 +59,7 @@ def _numbers(value):
         yield value
 
 
+@pytest.mark.slow  # every section in its own process: about 35 CPU seconds
 def test_dry_run_report(dry_run, gpu_check, sections):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
