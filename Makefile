@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/sdpo-fast bench --out-dir benchmarks/results/bench_$$($(PY) -c \
 		'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+
+# One-command check of a CUDA machine (torch and triton already installed; no .venv, no network): the op's
+# correctness at H=4096, V=151936 against float64, its benchmark, CUDA graphs, the GPU tests and
+# `sdpo-fast bench --only op scoring`, in one JSON + one Markdown report (CPU check of the script: --dry-run).
+GPU_CHECK_OUT ?= benchmarks/results/gpu_check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
