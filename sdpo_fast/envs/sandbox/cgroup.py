@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PREFIX = "sdpo-run-"
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,10 @@ class MemoryCgroups:
     parent: str
     version: int
 
-    def create(self, memory_mb: int) -> str:
-        """A new cgroup limited to `memory_mb` (no swap); returns its directory."""
-        path = os.path.join(self.parent, f"sdpo-run-{uuid.uuid4().hex[:16]}")
+    def create(self, memory_mb: int, owner: int) -> str:
+        """A new cgroup limited to `memory_mb` (no swap) for a run of sandbox uid `owner`; returns its
+        directory."""
+        path = os.path.join(self.parent, f"{PREFIX}{owner}-{uuid.uuid4().hex[:16]}")
         os.mkdir(path, 0o755)
         limit = str(memory_mb << 20)
         try:
@@ -77,6 +79,15 @@ def remove(path: str, wait_s: float = 1.0) -> bool:
             if time.monotonic() > end:
                 return False
             time.sleep(0.002)
+
+
+def remove_runs_of(owner: int) -> None:
+    """Remove the run cgroups left by sandbox uid `owner` (an evaluator that died during a run)."""
+    found = find_memory_cgroups()
+    if found is not None:
+        for name in os.listdir(found.parent):
+            if name.startswith(f"{PREFIX}{owner}-"):
+                remove(os.path.join(found.parent, name))
 
 
 def find_memory_cgroups() -> MemoryCgroups | None:

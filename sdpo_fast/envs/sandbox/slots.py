@@ -1,5 +1,5 @@
 """Sandbox uids: one per evaluator process, from a machine-wide pool of slots held with file locks,
-and the sweep that kills whatever a uid still runs.
+and the sweep that kills whatever a uid still runs (and removes its runs' memory cgroups).
 
 Sandbox uids are UID_BASE + slot, far above the ranges distributions give to people and services.
 """
@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sdpo_fast.envs.sandbox import cgroup
 from sdpo_fast.envs.sandbox.limits import SandboxUnavailable
 
 UID_BASE = 2_000_000_000
@@ -36,6 +37,7 @@ def claim_uid() -> int:
             continue
         uid = UID_BASE + slot
         sweep_uid(uid)  # leftovers of an evaluator that died while holding this slot
+        cgroup.remove_runs_of(uid)
         _claimed[os.getpid()] = (fd, uid)
         return uid
     raise SandboxUnavailable(f"all {UID_SLOTS} sandbox uid slots in {SLOT_DIR} are in use")
@@ -57,6 +59,7 @@ def sweep_abandoned_slots() -> int:
             continue  # a live evaluator holds it
         else:
             sweep_uid(UID_BASE + int(path.name))
+            cgroup.remove_runs_of(UID_BASE + int(path.name))
             swept += 1
         finally:
             os.close(fd)

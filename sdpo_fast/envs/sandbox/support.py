@@ -110,7 +110,7 @@ def _probe_memcg() -> cgroup.MemoryCgroups | None:
     if found is None:
         return None
     try:
-        path = found.create(64)
+        path = found.create(64, os.getpid())
     except OSError:
         return None
     try:
