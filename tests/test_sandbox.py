@@ -38,7 +38,7 @@ def test_isolation_applied(support):
     assert "rlimits" in support.isolation and "seccomp" in support.isolation
     if ROOT:  # root must never run untrusted code as root
         assert "uid" in support.isolation and support.uid >= 2_000_000_000
-        assert {"netns", "private_tmp"} <= set(support.isolation)
+        assert {"netns", "ipcns", "pidns", "private_tmp"} <= set(support.isolation)
     result = run("import os\nprint(os.getuid(), os.getgid(), os.getgroups())")
     if ROOT:
         assert result.stdout.split()[:2] == [str(support.uid)] * 2

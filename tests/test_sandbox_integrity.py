@@ -24,7 +24,7 @@ import pytest
 
 from sdpo_fast.envs import CodeEnv
 from sdpo_fast.envs.sandbox import Limits, Sandbox, SandboxEnded, isolation_support, jail, process, run_stdio
-from sdpo_fast.envs.sandbox.slots import UID_BASE, pids_of_uid
+from sdpo_fast.envs.sandbox.slots import UID_BASE
 
 LIMITS = Limits(cpu_s=1.0, wall_s=2.0, memory_mb=256, processes=8, file_mb=4, output_bytes=1 << 16)
 ENV = CodeEnv(limits=LIMITS, reward_mode="all")
@@ -86,6 +86,14 @@ def timed_evaluate(env: CodeEnv, problem: dict, response: str):
     start = time.monotonic()
     result = env.evaluate(problem, response)
     return result, time.monotonic() - start
+
+
+def timed_run(source: str, limits: Limits = LIMITS):
+    """run_stdio, checking the judge was back within the deadline plus the margin."""
+    start = time.monotonic()
+    result = run_stdio(source, limits=limits)[0]
+    assert time.monotonic() - start < limits.wall_s + MARGIN_S
+    return result
 
 
 # -- 1. notes kept between evaluations -------------------------------------------------------------------
@@ -285,9 +293,10 @@ def members(n):
 def test_forged_colliding_reply_is_refused_quickly(support):
     problem = {"prompt": "", "entry_point": "members", "test": "def check(candidate):\n"
                "    assert candidate(2500) == {k * (2**61 - 1) for k in range(2500)}\n"}
-    result, elapsed = timed_evaluate(ENV, problem, block(FORGED))
-    assert result.reward == 0.0 and "one hash value" in result.feedback
-    assert elapsed < 1.0  # refused before any quadratic work (10 s of CPU at 22k members before)
+    for _ in range(2):
+        result, elapsed = timed_evaluate(ENV, problem, block(FORGED))
+        assert result.reward == 0.0 and "one hash value" in result.feedback
+        assert elapsed < 1.0  # refused before any quadratic work (10 s of CPU at 22k members before)
 
 
 def test_reply_larger_than_the_cap_kills_the_run(support):
@@ -348,9 +357,10 @@ def test_unread_request_pipe_cannot_stall_the_judge():
         assert time.monotonic() - box._start < LIMITS.wall_s + MARGIN_S
     problem = {"prompt": "", "entry_point": "f", "test": f"def check(candidate):\n    candidate([1])\n"
                f"    assert candidate({big}) == 1\n"}
-    result, elapsed = timed_evaluate(ENV, problem, block(STALL))
-    assert result.reward == 0.0 and "Time Limit Exceeded" in result.feedback
-    assert elapsed < LIMITS.wall_s + MARGIN_S
+    for _ in range(2):
+        result, elapsed = timed_evaluate(ENV, problem, block(STALL))
+        assert result.reward == 0.0 and "Time Limit Exceeded" in result.feedback
+        assert elapsed < LIMITS.wall_s + MARGIN_S
 
 
 # -- 4. orphans under a PID 1 that never reaps -------------------------------------------------------------
@@ -417,7 +427,7 @@ def test_host_processes_are_invisible(support):
                "        print(pid, type(e).__name__)\n"
                "for path in ('/proc/loadavg', '/proc/sysvipc/shm', '/proc/keys'):\n"
                "    print(path, os.path.exists(path))\nprint(os.listdir('/sys/fs/cgroup'))\n")
-    result = run_stdio(program, limits=LIMITS)[0]
+    result = timed_run(program)
     lines = result.stdout.splitlines()
     pids = {line.split()[0] for line in lines if line.split()[0].isdigit()}
     assert pids <= {"1", "2"} and "2" in pids, result.stdout  # only the run itself (1 is hidden: root)
@@ -440,17 +450,21 @@ def test_memory_outside_the_address_space_is_capped(support, kind):
     program = (f"import fcntl, os\nheld = 0\nwhile held < 512:\n    {grab}\n    held += {step_mb}\n"
                "    print(held, flush=True)\n")
     limits = dataclasses.replace(LIMITS, memory_mb=cap_mb, open_files=1024)
-    result = run_stdio(program, limits=limits)[0]
-    held = int(result.stdout.split()[-1]) if result.stdout.split() else 0
-    assert held < cap_mb and result.memory_exceeded and result.returncode == -signal.SIGKILL, result
-    assert "Memory limit exceeded" in result.exit_reason()
+    for _ in range(2):  # the second run gets the whole limit again
+        result = timed_run(program, limits)
+        held = int(result.stdout.split()[-1]) if result.stdout.split() else 0
+        assert held < cap_mb and result.memory_exceeded and result.returncode == -signal.SIGKILL, result
+        assert "Memory limit exceeded" in result.exit_reason()
+    problem = {"prompt": "", "tests": [{"input": "", "output": "1"}]}
+    feedback = CodeEnv(limits=limits).evaluate(problem, block(program)).feedback
+    assert "Runtime Error" in feedback and "Memory limit exceeded" in feedback
 
 
 # -- 7. a program that kills itself ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGXCPU, signal.SIGSEGV])
 def test_self_kill_is_a_runtime_error(sig):
-    result = run_stdio(f"import os\nprint('bye', flush=True)\nos.kill(os.getpid(), {int(sig)})\n", limits=LIMITS)[0]
+    result = timed_run(f"import os\nprint('bye', flush=True)\nos.kill(os.getpid(), {int(sig)})\n")
     assert result.returncode == -sig and not result.timed_out and result.stdout == "bye\n"
     assert result.exit_reason() == f"Killed by signal {int(sig)} ({sig.name})"
     stdio = ENV.evaluate({"prompt": "", "tests": [{"input": "", "output": "bye"}]},
@@ -478,7 +492,7 @@ def test_a_run_inherits_nothing_and_sees_a_read_only_system(support):
                "    except OSError as e:\n        print(e.errno)\n"
                "open('/tmp/scratch', 'w').write('x')\nprint(open('/tmp/scratch').read())\n"
                "print(resource.getrlimit(resource.RLIMIT_NPROC))\n")
-    result = run_stdio(program, limits=LIMITS)[0]
+    result = timed_run(program)
     lines = result.stdout.splitlines()
     assert lines[0] == "['0', '1', '2', '3']"  # stdio and the listing's own descriptor
     assert lines[1:3] == ["30", "30"]  # EROFS (root's files would also refuse the sandbox uid)

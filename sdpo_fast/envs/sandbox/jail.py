@@ -29,6 +29,7 @@ import struct
 from dataclasses import dataclass
 
 from sdpo_fast.envs.sandbox import cgroup, seccomp
+from sdpo_fast.envs.sandbox.limits import Limits
 from sdpo_fast.envs.sandbox.slots import kill_uid, task_count
 
 SOLUTION = "solution.py"
@@ -57,7 +58,7 @@ class Plan:
     unshare_flags: int          # CLONE_NEW* of the run's namespaces (CLONE_NEWUSER first, if set)
     workdir: str
     source: str
-    limits: object              # Limits
+    limits: Limits
     cgroup: str | None          # the run's memory cgroup directory
     report_fd: int | None       # where the supervisor writes the init's pid (pid namespace only)
 
@@ -103,7 +104,6 @@ def enter(plan: Plan) -> None:
 
 def _supervise(plan: Plan, child: int, status_r: int, status_w: int) -> None:
     """The supervisor: report the init's pid, wait for the run to end, exit as the program did."""
-    status = struct.pack("i", 0)
     try:
         os.close(status_w)
         if plan.pidns and plan.report_fd is not None:

@@ -93,7 +93,7 @@ class Sandbox:
         self._proc: subprocess.Popen | None = None
         self._workdir: str | None = None
         self._cgroup: str | None = None
-        self._exit_fd = self._init_fd = None
+        self._exit_fd = self._init_fd = self._init_pid = None
         self._returncode: int | None = None
         self._cpu_s = 0.0
         self._writable: set[str] = set()
@@ -160,7 +160,8 @@ class Sandbox:
             data = f.read(4)
         if len(data) != 4:
             return None
-        fd = _pidfd(struct.unpack("i", data)[0])
+        self._init_pid = struct.unpack("i", data)[0]
+        fd = _pidfd(self._init_pid)
         if fd is not None and self._poll() is not None:  # the run already ended: the pid may be reused
             os.close(fd)
             return None
@@ -213,6 +214,12 @@ class Sandbox:
                 signal.pidfd_send_signal(self._init_fd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        elif self._init_pid is not None:  # no pidfd (Linux < 5.3): the supervisor's exit frees the pid
+            if self._poll() is None:
+                try:
+                    os.kill(self._init_pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         elif self.support.uid is not None:
             kill_uid(self.support.uid)
         else:
