@@ -24,7 +24,7 @@ import pytest
 
 from sdpo_fast.envs import CodeEnv
 from sdpo_fast.envs.sandbox import Limits, Sandbox, SandboxEnded, isolation_support, jail, process, run_stdio
-from sdpo_fast.envs.sandbox.slots import UID_BASE
+from sdpo_fast.envs.sandbox.slots import pids_of_uid
 
 LIMITS = Limits(cpu_s=1.0, wall_s=2.0, memory_mb=256, processes=8, file_mb=4, output_bytes=1 << 16)
 ENV = CodeEnv(limits=LIMITS, reward_mode="all")
@@ -44,42 +44,37 @@ def block(code: str) -> str:
     return f"```python\n{code}\n```"
 
 
-def sandbox_leftovers() -> list[str]:
-    """Anything on the host that belongs to a sandbox uid: processes, System V objects, keys, files,
-    and run cgroups."""
+def sandbox_leftovers(uid: int) -> list[str]:
+    """Anything on the host that belongs to sandbox uid `uid` (this evaluator's; other evaluators on
+    the machine have their own): processes, System V objects, keys, files, and run cgroups."""
     found = []
     for kind in ("shm", "msg", "sem"):
         with open(f"/proc/sysvipc/{kind}") as f:
             header, *rows = f.read().splitlines()
         uid_col = header.split().index("uid")
-        found += [f"sysv {kind}: {row.split()}" for row in rows if int(row.split()[uid_col]) >= UID_BASE]
+        found += [f"sysv {kind}: {row.split()}" for row in rows if int(row.split()[uid_col]) == uid]
     with open("/proc/key-users") as f:
-        found += [f"keys: {line.strip()}" for line in f if int(line.split(":")[0]) >= UID_BASE]
+        found += [f"keys: {line.strip()}" for line in f if int(line.split(":")[0]) == uid]
     for folder in WRITABLE_DIRS:
         if os.path.isdir(folder):
             for name in os.listdir(folder):
                 try:
-                    if os.lstat(os.path.join(folder, name)).st_uid >= UID_BASE:
+                    if os.lstat(os.path.join(folder, name)).st_uid == uid:
                         found.append(f"file {folder}/{name}")
                 except FileNotFoundError:
                     continue
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid >= UID_BASE:
-                    found.append(f"process {entry}")
-            except OSError:
-                continue
+    found += [f"process {pid}" for pid in pids_of_uid(uid)]
     memcg = isolation_support().memcg
     if memcg is not None:
-        found += [f"cgroup {name}" for name in os.listdir(memcg.parent) if name.startswith("sdpo-run-")]
+        found += [f"cgroup {name}" for name in os.listdir(memcg.parent) if name.startswith(f"sdpo-run-{uid}-")]
     return found
 
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind(support):
     yield
-    assert sandbox_leftovers() == []
+    if support.uid is not None:  # without one, the runs' leftovers cannot be told from the host's
+        assert sandbox_leftovers(support.uid) == []
 
 
 def timed_evaluate(env: CodeEnv, problem: dict, response: str):
@@ -295,8 +290,8 @@ def test_forged_colliding_reply_is_refused_quickly(support):
                "    assert candidate(2500) == {k * (2**61 - 1) for k in range(2500)}\n"}
     for _ in range(2):
         result, elapsed = timed_evaluate(ENV, problem, block(FORGED))
-        assert result.reward == 0.0 and "one hash value" in result.feedback
-        assert elapsed < 1.0  # refused before any quadratic work (10 s of CPU at 22k members before)
+        assert result.reward == 0.0 and "one hash value" in result.feedback  # refused, not decoded
+        assert elapsed < LIMITS.wall_s + MARGIN_S
 
 
 def test_reply_larger_than_the_cap_kills_the_run(support):
@@ -310,7 +305,7 @@ def test_reply_larger_than_the_cap_kills_the_run(support):
 def test_decoder_bounds():
     from sdpo_fast.envs.sandbox_runner import MAX_SAME_HASH, decode, encode
 
-    start = time.monotonic()
+    start = time.monotonic()  # building these sets would take minutes (50k members of one hash value)
     with pytest.raises(ValueError, match="one hash value"):
         decode({"set": [k * COLLIDING for k in range(50_000)]})
     with pytest.raises(ValueError, match="one hash value"):
