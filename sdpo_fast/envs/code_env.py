@@ -11,7 +11,7 @@ Problem schemas (plain dicts, e.g. one JSON line each):
   asserts, either in `def check(candidate): ...` or at top level calling `entry_point` by name; see
   `functional.py` for how it is split into cases and judged.
 
-Every test runs in its own sandboxed process (`sandbox.py`). Reward: the fraction of tests passed
+Every test runs in its own sandboxed process (`sandbox/`). Reward: the fraction of tests passed
 (`reward_mode="fraction"`, for training) or 1 only when all pass (`"all"`, for evaluation). Feedback: the
 first error (runtime error with a short traceback and the last executed input, time or output limit),
 otherwise the two shortest failing cases with input, output and expected; at most `max_feedback_chars`.
@@ -116,8 +116,12 @@ def run_stdio_test(code: str, test: dict, limits: Limits) -> tuple[TestOutcome, 
     if run.timed_out:
         return TestOutcome(TIME_LIMIT, shown, error="time limit exceeded"), isolation
     if run.returncode != 0:
-        reason = run.stderr.strip()[-800:] or f"the program exited with status {run.returncode}"
-        return TestOutcome(RUNTIME_ERROR, shown, run.stdout, error=reason), isolation
+        reason = run.stderr.strip()[-800:]
+        if reason and run.returncode is not None and run.returncode > 0:
+            error = reason
+        else:  # killed by a signal (or by the memory cgroup): say so, after what it printed
+            error = f"{reason}\n{run.exit_reason()}".strip()
+        return TestOutcome(RUNTIME_ERROR, shown, run.stdout, error=error), isolation
     verdict = PASSED if outputs_match(run.stdout, test["output"]) else WRONG_ANSWER
     return TestOutcome(verdict, shown, run.stdout, test["output"]), isolation
 

@@ -149,7 +149,7 @@ def _reply_or_end(box: Sandbox, call: tuple | None, shown_input: str) -> tuple[s
         if run.timed_out:
             raise _CaseFailed(TestOutcome(TIME_LIMIT, shown_input, error="time limit exceeded"))
         tail = run.stderr.strip()[-800:]
-        reason = f"the program exited (status {run.returncode}) before returning a result"
+        reason = f"{run.exit_reason()} before returning a result"
         raise _CaseFailed(TestOutcome(RUNTIME_ERROR, shown_input, error=f"{tail}\n{reason}".strip()))
 
 

@@ -1,20 +1,23 @@
 """The program that runs model-written code inside the sandbox; nothing it reports is trusted as a verdict.
 
-`sandbox.py` starts it as `python -I -S -c <this file's source> MODE [ENTRY]` in the sandbox's working
+`sandbox/process.py` starts it as `python -S -s -c <this file's source> MODE [...]` in the sandbox's working
 directory, next to `solution.py`. Only the standard library is used and the syntax stays Python 3.8
 compatible, because it runs on whichever interpreter the sandbox user may execute.
 
 - MODE "stdio": run `solution.py` as `__main__` on the inherited stdin/stdout; an uncaught exception
   prints a short traceback to stderr and exits with status 1.
-- MODE "call" ENTRY REQUESTS_FD REPLIES_FD: load `solution.py` as a module, resolve ENTRY ("name" or
-  "Class.method", which calls the method of a fresh `Class()`), then answer calls: one JSON line per
-  request on REQUESTS_FD (`{"args": [...], "kwargs": [[name, value], ...]}`), one JSON line per reply on
-  REPLIES_FD (`{"ok": value}` or `{"error": traceback}`); the first reply (`{"ok": null}` or an error)
-  says whether loading worked. The loop ends when the requests pipe is closed.
+- MODE "call" ENTRY REQUESTS_FD REPLIES_FD MAX_REPLY: load `solution.py` as a module, resolve ENTRY
+  ("name" or "Class.method", which calls the method of a fresh `Class()`), then answer calls: one JSON
+  line per request on REQUESTS_FD (`{"args": [...], "kwargs": [[name, value], ...]}`), one JSON line per
+  reply on REPLIES_FD (`{"ok": value}` or `{"error": traceback}`); the first reply (`{"ok": null}` or an
+  error) says whether loading worked. A reply longer than MAX_REPLY bytes is replaced by an error (the
+  judge would kill the run). The loop ends when the requests pipe is closed.
 
 Values cross the pipe in the tagged form of `encode` (plain data only: None, bool, int, float, str, list,
 tuple, dict, set, frozenset, bytes, complex; exact types, no subclasses), so the judge compares plain data
-it decoded itself and never calls a method of an object made by the model's code.
+it decoded itself and never calls a method of an object made by the model's code. `decode` refuses a
+set, frozenset or dict with more than MAX_SAME_HASH entries of one hash value: building it would take
+time quadratic in their number (a forged reply could stall the judge).
 """
 
 import json
@@ -24,6 +27,7 @@ import traceback
 
 SOLUTION = "solution.py"
 MAX_TRACEBACK_CHARS = 1200
+MAX_SAME_HASH = 32
 _TAGS = ("tuple", "set", "frozenset", "dict", "bytes", "complex")
 
 
@@ -75,9 +79,24 @@ def decode(data):
     if tag == "dict":
         if not all(type(p) is list and len(p) == 2 for p in body):
             raise ValueError("malformed dict")
-        return {decode(k): decode(v) for k, v in body}
+        pairs = [(decode(k), decode(v)) for k, v in body]
+        _check_hashes([k for k, _ in pairs])
+        return dict(pairs)
     items = [decode(v) for v in body]
+    if tag != "tuple":
+        _check_hashes(items)
     return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+
+
+def _check_hashes(keys):
+    """Refuse keys of which more than MAX_SAME_HASH share one hash value (TypeError if unhashable).
+    Counting distinct hash values is itself linear: a hash value is an int that hashes to itself."""
+    counts = {}
+    for key in keys:
+        h = hash(key)
+        counts[h] = counts.get(h, 0) + 1
+        if counts[h] > MAX_SAME_HASH:
+            raise ValueError("more than %d keys with one hash value" % MAX_SAME_HASH)
 
 
 def short_traceback(exc):
@@ -120,12 +139,19 @@ def _resolve(namespace, entry):
     return getattr(target(), method) if method else target
 
 
-def _run_calls(entry, requests_fd, replies_fd):
+def _run_calls(entry, requests_fd, replies_fd, max_reply):
     requests = os.fdopen(requests_fd, "rb")
     replies = os.fdopen(replies_fd, "wb")
 
     def reply(**message):
-        replies.write(json.dumps(message).encode() + b"\n")
+        try:
+            line = json.dumps(message).encode() + b"\n"
+        except ValueError as exc:  # e.g. an int too long for its decimal form
+            line = json.dumps({"error": "the return value cannot be sent: %s" % exc}).encode() + b"\n"
+        if len(line) > max_reply:
+            text = "the return value is too large to send (%d bytes of JSON, at most %d)" % (len(line), max_reply)
+            line = json.dumps({"error": text}).encode() + b"\n"
+        replies.write(line)
         replies.flush()
 
     try:
@@ -149,7 +175,7 @@ def _run_calls(entry, requests_fd, replies_fd):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["stdio"]:
         _run_stdio()
-    elif sys.argv[1:2] == ["call"] and len(sys.argv) == 5:
-        _run_calls(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1:2] == ["call"] and len(sys.argv) == 6:
+        _run_calls(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
-        sys.exit("usage: sandbox_runner (stdio | call ENTRY REQUESTS_FD REPLIES_FD)")
+        sys.exit("usage: sandbox_runner (stdio | call ENTRY REQUESTS_FD REPLIES_FD MAX_REPLY)")
