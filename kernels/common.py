@@ -26,7 +26,7 @@ AUTOTUNE: bool = os.environ.get("SDPO_FAST_AUTOTUNE", "0") == "1"
 EMPTY_MAX: tl.constexpr = tl.constexpr(-1.0e30)
 
 # Row tiles per group in the grouped program order of tile grids (see `grouped_tile`).
-GROUP_ROWS = 8
+GROUP_ROWS: tl.constexpr = tl.constexpr(8)
 
 
 class TileConfig(NamedTuple):

@@ -43,20 +43,24 @@ from sdpo_fast.kernels.common import (
 DEFAULT_WORKSPACE_BYTES = 256 << 20
 _CHUNK_ALIGN = 128
 
-# Configs of the G kernel (defaults first); every entry compiles without spills on sm_90 and sm_80.
-CONFIGS = KernelConfigs(
-    half=[TileConfig(128, 128, 64, 8, 3), TileConfig(128, 64, 64, 4, 4), TileConfig(64, 128, 64, 4, 4)],
-    fp32=[TileConfig(64, 64, 32, 4, 2)],
+# Configs of the G kernel (defaults first). With the teacher tile, two fp32 tiles are live; 128 x 128
+# tiles spill on sm_80. fp32 inputs (3xTF32) take smaller tiles. Every entry compiles without spills on
+# sm_90 and sm_80 (`python -m sdpo_fast.kernels.resources`).
+_FP32_CONFIGS = [TileConfig(64, 64, 16, 4, 2), TileConfig(32, 64, 32, 4, 2), TileConfig(64, 32, 32, 4, 2)]
+GRAD_LOGITS_CONFIGS = KernelConfigs(
+    half=[TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 64, 8, 3)],
+    fp32=_FP32_CONFIGS,
 )
 # Configs of the d(h_s) kernel: BLOCK_N rows x BLOCK_V hidden units of d(h_s), BLOCK_H chunk columns
 # per step. One accumulator: a plain GEMM tile.
 GRAD_H_CONFIGS = KernelConfigs(
-    half=[TileConfig(128, 128, 64, 8, 3), TileConfig(128, 64, 64, 4, 4), TileConfig(64, 128, 64, 4, 4)],
-    fp32=[TileConfig(64, 64, 32, 4, 2)],
+    half=[TileConfig(128, 128, 64, 8, 3), TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 64, 8, 3),
+          TileConfig(128, 128, 32, 8, 3)],
+    fp32=[TileConfig(64, 64, 32, 4, 2), TileConfig(128, 64, 32, 8, 2), TileConfig(64, 64, 16, 4, 2)],
 )
 
 
-@autotune(CONFIGS, key=["H", "H_T", "MODE", "HAS_DIV", "HAS_LOGP"], dtype_arg="hs_ptr")
+@autotune(GRAD_LOGITS_CONFIGS, key=["H", "H_T", "MODE", "HAS_DIV", "HAS_LOGP"], dtype_arg="hs_ptr")
 @triton.jit
 def _grad_logits_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, tgt_ptr, stats_ptr, g_ptr,
                         n_rows, H, H_T, v_begin, v_end, stride_hs, stride_ht, stride_w, stride_wt, stride_g,

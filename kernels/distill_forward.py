@@ -46,18 +46,26 @@ from sdpo_fast.kernels.common import (
 # Partial states: [_STATS, splits, rows], in the order m_a, z_a, e_a, k_a, m_b, z_b, k_b, a_y, b_y.
 _STATS = 9
 
-# The forward's configs (defaults first). Two fp32 [BLOCK_N, BLOCK_V] tiles are live across the teacher
-# GEMM, so the tiles per thread (BLOCK_N * BLOCK_V / (32 * warps)) stay at 32-64 floats each; every
-# entry compiles without spills on sm_90 and sm_80 (`python -m sdpo_fast.kernels.resources`).
-CONFIGS = KernelConfigs(
-    half=[TileConfig(128, 128, 64, 8, 3), TileConfig(64, 128, 64, 4, 3), TileConfig(64, 256, 64, 8, 3)],
-    fp32=[TileConfig(64, 64, 32, 4, 2)],
+# The forward's configs (defaults first), separately for the stats and JSD kernels. Two fp32
+# [BLOCK_N, BLOCK_V] tiles are live across the teacher GEMM, so each thread holds at most 32 elements
+# of a tile (BLOCK_N * BLOCK_V / (32 * warps)); larger tiles spill on sm_80 and, for the JSD, on sm_90.
+# Every entry compiles without spills on sm_90 and sm_80 (`python -m sdpo_fast.kernels.resources`).
+# fp32 inputs use 3xTF32 products, which need about three times the operand registers: smaller tiles.
+_FP32_CONFIGS = [TileConfig(64, 64, 16, 4, 2), TileConfig(32, 64, 32, 4, 2), TileConfig(64, 32, 32, 4, 2)]
+STATS_CONFIGS = KernelConfigs(
+    half=[TileConfig(64, 128, 64, 8, 3), TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 32, 8, 3),
+          TileConfig(64, 64, 64, 4, 3)],
+    fp32=_FP32_CONFIGS,
+)
+JSD_CONFIGS = KernelConfigs(
+    half=[TileConfig(64, 128, 64, 8, 3), TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 4, 3)],
+    fp32=_FP32_CONFIGS,
 )
 _MERGE_BLOCK = 128
 # Hidden states of the row tiles resident at once should fit in this share of L2 (see `num_splits`).
 _L2_SHARE = 0.5
-# Row tile the split count is sized for (the largest BLOCK_N of CONFIGS).
-_SIZING_ROWS = 128
+# Row tile the split count is sized for (the most common BLOCK_N of the configs).
+_SIZING_ROWS = 64
 
 
 class RowStats(NamedTuple):
@@ -114,7 +122,7 @@ def _row_tile(tgt_ptr, n_rows, ignore_index, V, SPLITS, BLOCK_N: tl.constexpr, B
     return offs, in_range, valid, tgt, first, last
 
 
-@autotune(CONFIGS, key=["H", "H_T", "V", "HAS_TEACHER"], dtype_arg="hs_ptr")
+@autotune(STATS_CONFIGS, key=["H", "H_T", "V", "HAS_TEACHER"], dtype_arg="hs_ptr")
 @triton.jit
 def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, tgt_ptr, part_ptr,
                   n_rows, H, H_T, V, SPLITS, stride_hs, stride_ht, stride_w, stride_wt, scale, ignore_index,
@@ -131,24 +139,18 @@ def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, tgt_ptr, part_ptr,
     k_a = tl.zeros((BLOCK_N,), tl.float32)
     z_b = tl.zeros((BLOCK_N,), tl.float32)
     k_b = tl.zeros((BLOCK_N,), tl.float32)
-    a_y = tl.zeros((BLOCK_N,), tl.float32)
-    b_y = tl.zeros((BLOCK_N,), tl.float32)
     for tile in range(first, last):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         ok = col_ok[None, :]
-        # The target is matched only inside the real vocabulary (ignored rows have target -1).
-        hit = (cols[None, :] == tgt[:, None]) & ok
         a = logit_tile(hs_ptr, stride_hs, offs, valid, w_ptr, stride_w, cols, col_ok, H, scale,
                        BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
         tm_a = tl.max(tl.where(ok, a, float("-inf")), 1)
-        a_y += tl.sum(tl.where(hit, a, 0.0), 1)
         if HAS_TEACHER:
             # Only `a` is live across this GEMM; the elementwise terms of both tiles come after it.
             b = logit_tile(ht_ptr, stride_ht, offs, valid, wt_ptr, stride_wt, cols, col_ok, H_T, scale,
                            BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
             tm_b = tl.max(tl.where(ok, b, float("-inf")), 1)
-            b_y += tl.sum(tl.where(hit, b, 0.0), 1)
             u = tl.where(ok, a - tm_a[:, None], 0.0)
             w = tl.where(ok, b - tm_b[:, None], 0.0)
             eu = tl.where(ok, tl.exp(u), 0.0)
@@ -169,9 +171,32 @@ def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, tgt_ptr, part_ptr,
             tm_b, tz_b, tk_b,
         )
 
+    # The targets' logits, once per row (by split 0): a row of W per row instead of a compare per tile.
+    a_y = tl.zeros((BLOCK_N,), tl.float32)
+    b_y = tl.zeros((BLOCK_N,), tl.float32)
+    if tl.program_id(0) == 0:
+        a_y = _target_logit(hs_ptr, stride_hs, offs, valid, w_ptr, stride_w, tgt, H, scale, BLOCK_N, BLOCK_H)
+        if HAS_TEACHER:
+            b_y = _target_logit(ht_ptr, stride_ht, offs, valid, wt_ptr, stride_wt, tgt, H_T, scale, BLOCK_N, BLOCK_H)
     # One plane per statistic; this program owns column `split` of every plane.
     _store_state(part_ptr + tl.program_id(0).to(tl.int64) * n_rows + offs, SPLITS * n_rows, in_range,
                  m_a, z_a, e_a, k_a, m_b, z_b, k_b, a_y, b_y)
+
+
+@triton.jit
+def _target_logit(h_ptr, stride_h, rows, valid, w_ptr, stride_w, tgt, K, scale,
+                  BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """fp32 logits (h[rows] . w[tgt]) * scale of the valid rows' targets (0 for the others)."""
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    w_rows = w_ptr + tl.maximum(tgt, 0).to(tl.int64)[:, None] * stride_w
+    h_rows = h_ptr + rows[:, None] * stride_h
+    for k0 in range(0, K, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        m = valid[:, None] & (ks < K)[None, :]
+        h = tl.load(h_rows + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(h * w, 1)
+    return acc * scale
 
 
 @triton.jit
@@ -238,7 +263,7 @@ def _merge_kernel(part_ptr, out_ptr, tgt_ptr, n_rows, SPLITS, ignore_index, BLOC
     tl.store(out + 6 * n_rows, k_a / z_a - log_za + log_zb, mask=mask)
 
 
-@autotune(CONFIGS, key=["H", "H_T", "V"], dtype_arg="hs_ptr")
+@autotune(JSD_CONFIGS, key=["H", "H_T", "V"], dtype_arg="hs_ptr")
 @triton.jit
 def _jsd_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, tgt_ptr, lse_ptr, part_ptr,
                 n_rows, H, H_T, V, SPLITS, stride_hs, stride_ht, stride_w, stride_wt, scale, ignore_index,
