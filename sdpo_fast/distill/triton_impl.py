@@ -6,8 +6,10 @@ vocabulary chunks into a bounded workspace and applied with cuBLAS GEMMs (kernel
 Registered as a torch.library custom op (see `custom_ops`), so `torch.compile` traces its callers.
 `linear_logprobs` runs the same kernels without their teacher tiles (no second GEMM, forward or backward).
 
-Covers the full vocabulary (`topk=None`) for fp16/bf16/fp32 inputs; `topk` and float64 raise ValueError
-(impl="chunked" serves them, and impl="auto" routes them there). Runs on CUDA tensors, or on CPU under
+Covers the full vocabulary (`topk=None`) for fp16/bf16/fp32 inputs (fp32 on 3xTF32 tensor-core products,
+about fp32 accuracy; impl="auto" sends fp32 to impl="chunked"); `topk` and float64 raise ValueError
+(impl="chunked" serves them, and impl="auto" routes them there). Ignored rows are masked inside the
+kernels, so forward and backward make no host synchronisation (CUDA-graph capturable). Runs on CUDA tensors, or on CPU under
 the Triton interpreter (TRITON_INTERPRET=1 set before import; slow, for tests).
 """
 
@@ -126,8 +128,8 @@ def linear_distill_triton(
 ) -> DistillOutput:
     """Fused-kernel `linear_distill` (see the module docstring); arguments as `linear_distill`.
 
-    `splits` fixes the number of vocabulary splits of the forward grid (default: enough to fill the
-    device); `workspace_bytes` bounds the backward's gradient workspace. `add_tail` and `adv_clip` (both
+    `splits` fixes the number of vocabulary splits of the forward grid (default: `num_splits` of
+    `sdpo_fast.kernels.distill_forward`, from N, the device's SMs and L2); `workspace_bytes` bounds the backward's gradient workspace. `add_tail` and `adv_clip` (both
     top-k only) are unused.
     """
     if topk is not None or adv_clip is not None:
