@@ -64,25 +64,28 @@ _INTERPRETER_CONFIG = TileConfig(64, 256, 64, 4, 1)
 
 
 def autotune(configs: KernelConfigs, key: list[str], dtype_arg: str):
-    """`triton.autotune` over `configs`: pruned to the launch's dtype (read from argument `dtype_arg`)
-    and, unless SDPO_FAST_AUTOTUNE=1, to that dtype's default, so nothing is benchmarked. Tuning results
-    are cached on disk (Triton's autotune cache), so later processes reuse them."""
-    if INTERPRET:
-        listed = [_INTERPRETER_CONFIG]
-    else:
-        listed = list(dict.fromkeys(configs.half + configs.fp32))
-
-    def prune(candidates, named_args, **_):
-        if INTERPRET:
-            return candidates
-        wanted = set(configs.pickable(named_args[dtype_arg].dtype))
-        return [c for c in candidates if _tile(c) in wanted]
-
+    """`triton.autotune` over `configs`, pruned per launch by `dtype_prune`. Tuning results are cached
+    on disk (Triton's autotune cache), so later processes reuse them."""
+    listed = [_INTERPRETER_CONFIG] if INTERPRET else list(dict.fromkeys(configs.half + configs.fp32))
     return triton.autotune(
         configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h},
                                num_warps=c.num_warps, num_stages=c.num_stages) for c in listed],
-        key=key, prune_configs_by={"early_config_prune": prune}, cache_results=True,
+        key=key, prune_configs_by={"early_config_prune": dtype_prune(configs, dtype_arg)}, cache_results=True,
     )
+
+
+def dtype_prune(configs: KernelConfigs, dtype_arg: str):
+    """Autotuner pruning: keep the configs pickable for the dtype of argument `dtype_arg` (its whole list
+    with SDPO_FAST_AUTOTUNE=1, else its default alone, so nothing is benchmarked)."""
+
+    def prune(candidates: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        if INTERPRET:  # the interpreter's single config
+            return candidates
+        dtype = {**named_args, **kwargs}[dtype_arg].dtype  # launchers pass every argument by keyword
+        wanted = set(configs.pickable(dtype))
+        return [c for c in candidates if _tile(c) in wanted]
+
+    return prune
 
 
 class Launch(NamedTuple):

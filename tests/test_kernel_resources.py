@@ -83,6 +83,27 @@ def test_only_defaults_are_pickable_without_tuning(monkeypatch):
     assert configs.pickable(torch.float16) == configs.half
 
 
+def test_autotuner_prunes_to_the_launch_dtype(monkeypatch):
+    """The autotuner's pruning (arguments arrive by keyword, as the launchers pass them) keeps the
+    dtype's default without SDPO_FAST_AUTOTUNE, and the dtype's whole list with it."""
+    import triton
+
+    from sdpo_fast.kernels import common
+
+    configs = distill_forward.STATS_CONFIGS
+    candidates = [triton.Config({"BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h},
+                                num_warps=c.num_warps, num_stages=c.num_stages) for c in configs.half + configs.fp32]
+    prune = common.dtype_prune(configs, "hs_ptr")
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "AUTOTUNE", False)
+    for dtype, want in ((torch.bfloat16, configs.half[:1]), (torch.float32, configs.fp32[:1])):
+        kept = prune(candidates, {}, hs_ptr=torch.empty(0, dtype=dtype), n_rows=5)
+        assert [common._tile(c) for c in kept] == want
+    monkeypatch.setattr(common, "AUTOTUNE", True)
+    kept = prune(candidates, {}, hs_ptr=torch.empty(0, dtype=torch.float16))
+    assert [common._tile(c) for c in kept] == configs.half
+
+
 def test_autotune_keys_do_not_move_with_token_count():
     """Neither the row count nor the split count (which follows it) is part of any autotuning key."""
     kernels = (distill_forward._stats_kernel, distill_forward._jsd_kernel, distill_backward._grad_logits_kernel,
