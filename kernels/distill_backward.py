@@ -45,11 +45,10 @@ _CHUNK_ALIGN = 128
 
 # Configs of the G kernel (defaults first). With the teacher tile, two fp32 tiles are live; 128 x 128
 # tiles spill on sm_80. fp32 inputs (3xTF32) take smaller tiles. Every entry compiles without spills on
-# sm_90 and sm_80 (`python -m sdpo_fast.kernels.resources`).
-_FP32_CONFIGS = [TileConfig(64, 64, 16, 4, 2), TileConfig(32, 64, 32, 4, 2), TileConfig(64, 32, 32, 4, 2)]
+# sm_90 and sm_80 (`python -m sdpo_fast.kernels.resources`; 32 x 64 x 32 fp32 tiles spill on sm_80).
 GRAD_LOGITS_CONFIGS = KernelConfigs(
     half=[TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 64, 8, 3)],
-    fp32=_FP32_CONFIGS,
+    fp32=[TileConfig(64, 64, 16, 4, 2), TileConfig(64, 32, 32, 4, 2)],
 )
 # Configs of the d(h_s) kernel: BLOCK_N rows x BLOCK_V hidden units of d(h_s), BLOCK_H chunk columns
 # per step. One accumulator: a plain GEMM tile.
