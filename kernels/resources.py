@@ -30,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -236,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "sdpo_fast.kernels.resources",
                                 *(argv if argv is not None else sys.argv[1:])], env=env)
-    rows = run(args.out_dir, args.fast, args.jobs)
+    with tempfile.TemporaryDirectory(prefix="sdpo_fast_resources_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # a private kernel cache (workers inherit it), removed after
+        rows = run(args.out_dir, args.fast, args.jobs)
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows)} compilations, {len(rows) - len(bad)} ok, {len(bad)} failing -> {args.out_dir}")
     for r in bad:
