@@ -1,11 +1,18 @@
 """Forward kernels of linear_distill: per-row statistics of both logit streams without [N, V] logits.
 
-Grid: (row tiles) x (vocabulary splits). Every program walks its share of the vocabulary in tiles,
-computes the student tile a = h_s W^T / T and the teacher tile b = h_t W_t^T / T with `tl.dot` (fp32
-accumulation), and folds them into an online-softmax state per row. Each program writes its own partial
-state to a [STATS, SPLITS, N] buffer (no atomics, no locks); a small merge kernel then combines the
-splits with the same associative `combine` and finalises the per-row results. Alpha in {0, 1} needs this
-one pass only; the JSD needs both log-normalisers first, so a second pass sums its terms.
+Grid: (vocabulary splits, row tiles), the split index varying fastest, so the programs resident at once
+share a few row tiles of hidden states (kept in L2 for their whole vocabulary walk) and stream the
+weight tiles of all splits. Every program walks its split's vocabulary in tiles, computes the student
+tile a = h_s W^T / T and then the teacher tile b = h_t W_t^T / T with `tl.dot` (fp32 accumulation;
+only `a` stays live across the teacher's GEMM, every elementwise term is formed after it), and folds
+them into an online-softmax state per row. Each program writes its own partial state to a
+[STATS, SPLITS, N] buffer (no atomics, no locks); a small merge kernel then combines the splits with the
+same associative `combine` and finalises the per-row results. Alpha in {0, 1} needs this one pass only;
+the JSD needs both log-normalisers first, so a second pass sums its terms.
+
+Every row is computed in place (no row selection, hence no host synchronisation): rows whose target is
+`ignore_index` read no hidden state, a row tile without a valid row skips its vocabulary walk, and the
+merge writes zeros for them.
 
 State per row, relative to running maxima m_a, m_b (u = a - m_a, w = b - m_b, so large common logit
 offsets never cancel): z_a = sum e^u, e_a = sum e^u u, k_a = sum e^u (u - w), z_b = sum e^w,
@@ -25,29 +32,44 @@ import triton.language as tl
 
 from sdpo_fast.kernels.common import (
     EMPTY_MAX,
-    autotune_configs,
+    KernelConfigs,
+    Launch,
+    TileConfig,
+    autotune,
     device_programs,
     dot_precision,
     log_mixture,
     logit_tile,
+    row_validity,
 )
 
 # Partial states: [_STATS, splits, rows], in the order m_a, z_a, e_a, k_a, m_b, z_b, k_b, a_y, b_y.
 _STATS = 9
 
-# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): two fp32 [BLOCK_N, BLOCK_V] accumulators live at
-# once, so 128 x 128 with 8 warps is the largest tile that stays in registers.
-_GPU_CONFIGS = [
-    (128, 128, 64, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 256, 64, 8, 3),
-]
+# The forward's configs (defaults first), separately for the stats and JSD kernels. Two fp32
+# [BLOCK_N, BLOCK_V] tiles are live across the teacher GEMM, so each thread holds at most 32 elements
+# of a tile (BLOCK_N * BLOCK_V / (32 * warps)); larger tiles spill on sm_80 and, for the JSD, on sm_90.
+# Every entry compiles without spills on sm_90 and sm_80 (`python -m sdpo_fast.kernels.resources`).
+# fp32 inputs use 3xTF32 products, which need about three times the operand registers: smaller tiles.
+_FP32_CONFIGS = [TileConfig(64, 64, 16, 4, 2), TileConfig(32, 64, 32, 4, 2), TileConfig(64, 32, 32, 4, 2)]
+STATS_CONFIGS = KernelConfigs(
+    half=[TileConfig(64, 128, 64, 8, 3), TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 32, 8, 3),
+          TileConfig(64, 64, 64, 4, 3)],
+    fp32=_FP32_CONFIGS,
+)
+JSD_CONFIGS = KernelConfigs(
+    half=[TileConfig(64, 128, 64, 8, 3), TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 4, 3)],
+    fp32=_FP32_CONFIGS,
+)
 _MERGE_BLOCK = 128
+# Hidden states of the row tiles resident at once should fit in this share of L2 (see `num_splits`).
+_L2_SHARE = 0.5
+# Row tile the split count is sized for (the most common BLOCK_N of the configs).
+_SIZING_ROWS = 64
 
 
 class RowStats(NamedTuple):
-    """Per valid row, fp32: the op's outputs and what backward needs (log-normalisers, KL term)."""
+    """Per row, fp32 (zeros for ignored rows): the op's outputs and what backward needs (log-normalisers, KL term)."""
 
     divergence: torch.Tensor
     student_logp: torch.Tensor
@@ -85,24 +107,31 @@ def _split_range(V, SPLITS, BLOCK_V: tl.constexpr):
     """[first, last) vocabulary tiles of this program's split (empty when SPLITS exceeds the tiles)."""
     n_tiles = tl.cdiv(V, BLOCK_V)
     per_split = tl.cdiv(n_tiles, SPLITS)
-    first = tl.program_id(1) * per_split
+    first = tl.program_id(0) * per_split
     return first, tl.minimum(first + per_split, n_tiles)
 
 
-@triton.autotune(configs=autotune_configs(_GPU_CONFIGS), key=["H", "H_T", "V", "SPLITS", "HAS_TEACHER"])
 @triton.jit
-def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, rows_ptr, tgt_ptr, part_ptr,
-                  n_rows, H, H_T, V, SPLITS, stride_hs, stride_ht, stride_w, stride_wt, scale,
+def _row_tile(tgt_ptr, n_rows, ignore_index, V, SPLITS, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """This program's rows (int64), their validity, targets and vocabulary tiles [first, last); a tile
+    without a valid row gets an empty range."""
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range, valid, tgt = row_validity(tgt_ptr, offs, n_rows, ignore_index)
+    first, last = _split_range(V, SPLITS, BLOCK_V)
+    last = tl.where(tl.max(valid.to(tl.int32), 0) > 0, last, first)
+    return offs, in_range, valid, tgt, first, last
+
+
+@autotune(STATS_CONFIGS, key=["H", "H_T", "V", "HAS_TEACHER"], dtype_arg="hs_ptr")
+@triton.jit
+def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, tgt_ptr, part_ptr,
+                  n_rows, H, H_T, V, SPLITS, stride_hs, stride_ht, stride_w, stride_wt, scale, ignore_index,
                   HAS_TEACHER: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Partial states of one (row tile, split). Without HAS_TEACHER (`linear_logprobs`) no teacher tile is
-    computed: the teacher state mirrors the student's (as if b = a), so the merged KL terms are 0."""
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs < n_rows
-    rows = tl.load(rows_ptr + offs, mask=row_ok, other=0)
-    tgt = tl.load(tgt_ptr + offs, mask=row_ok, other=-1)
-    first, last = _split_range(V, SPLITS, BLOCK_V)
-
+    """Partial states of one (split, row tile). Without HAS_TEACHER (`linear_logprobs`) no teacher tile
+    is computed: the teacher state mirrors the student's (as if b = a), so the merged KL terms are 0."""
+    offs, in_range, valid, tgt, first, last = _row_tile(tgt_ptr, n_rows, ignore_index, V, SPLITS,
+                                                        BLOCK_N, BLOCK_V)
     m_a = tl.full((BLOCK_N,), EMPTY_MAX, tl.float32)
     m_b = tl.full((BLOCK_N,), EMPTY_MAX, tl.float32)
     z_a = tl.zeros((BLOCK_N,), tl.float32)
@@ -110,46 +139,64 @@ def _stats_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, rows_ptr, tgt_ptr, part_ptr,
     k_a = tl.zeros((BLOCK_N,), tl.float32)
     z_b = tl.zeros((BLOCK_N,), tl.float32)
     k_b = tl.zeros((BLOCK_N,), tl.float32)
-    a_y = tl.zeros((BLOCK_N,), tl.float32)
-    b_y = tl.zeros((BLOCK_N,), tl.float32)
     for tile in range(first, last):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         ok = col_ok[None, :]
-        a = logit_tile(hs_ptr, stride_hs, rows, row_ok, w_ptr, stride_w, cols, col_ok, H, scale,
+        a = logit_tile(hs_ptr, stride_hs, offs, valid, w_ptr, stride_w, cols, col_ok, H, scale,
                        BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
-        # The target is matched only inside the real vocabulary.
-        hit = (cols[None, :] == tgt[:, None]) & ok
-        a_y += tl.sum(tl.where(hit, a, 0.0), 1)
-        # The tile's own state, relative to its maxima (every tile has at least one real column).
         tm_a = tl.max(tl.where(ok, a, float("-inf")), 1)
-        u = tl.where(ok, a - tm_a[:, None], 0.0)
-        eu = tl.where(ok, tl.exp(u), 0.0)
-        tz_a = tl.sum(eu, 1)
         if HAS_TEACHER:
-            b = logit_tile(ht_ptr, stride_ht, rows, row_ok, wt_ptr, stride_wt, cols, col_ok, H_T, scale,
+            # Only `a` is live across this GEMM; the elementwise terms of both tiles come after it.
+            b = logit_tile(ht_ptr, stride_ht, offs, valid, wt_ptr, stride_wt, cols, col_ok, H_T, scale,
                            BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
-            b_y += tl.sum(tl.where(hit, b, 0.0), 1)
             tm_b = tl.max(tl.where(ok, b, float("-inf")), 1)
+            u = tl.where(ok, a - tm_a[:, None], 0.0)
             w = tl.where(ok, b - tm_b[:, None], 0.0)
+            eu = tl.where(ok, tl.exp(u), 0.0)
             ew = tl.where(ok, tl.exp(w), 0.0)
             tz_b = tl.sum(ew, 1)
             tk_a = tl.sum(eu * (u - w), 1)
             tk_b = tl.sum(ew * (w - u), 1)
         else:
+            u = tl.where(ok, a - tm_a[:, None], 0.0)
+            eu = tl.where(ok, tl.exp(u), 0.0)
             tm_b = tm_a
-            tz_b = tz_a
+            tz_b = tl.sum(eu, 1)
             tk_a = tl.zeros((BLOCK_N,), tl.float32)
             tk_b = tl.zeros((BLOCK_N,), tl.float32)
         m_a, z_a, e_a, k_a, m_b, z_b, k_b = combine(
             m_a, z_a, e_a, k_a, m_b, z_b, k_b,
-            tm_a, tz_a, tl.sum(eu * u, 1), tk_a,
+            tm_a, tl.sum(eu, 1), tl.sum(eu * u, 1), tk_a,
             tm_b, tz_b, tk_b,
         )
 
+    # The targets' logits, once per row (by split 0): a row of W per row instead of a compare per tile.
+    a_y = tl.zeros((BLOCK_N,), tl.float32)
+    b_y = tl.zeros((BLOCK_N,), tl.float32)
+    if tl.program_id(0) == 0:
+        a_y = _target_logit(hs_ptr, stride_hs, offs, valid, w_ptr, stride_w, tgt, H, scale, BLOCK_N, BLOCK_H)
+        if HAS_TEACHER:
+            b_y = _target_logit(ht_ptr, stride_ht, offs, valid, wt_ptr, stride_wt, tgt, H_T, scale, BLOCK_N, BLOCK_H)
     # One plane per statistic; this program owns column `split` of every plane.
-    _store_state(part_ptr + tl.program_id(1).to(tl.int64) * n_rows + offs, SPLITS * n_rows, row_ok,
+    _store_state(part_ptr + tl.program_id(0).to(tl.int64) * n_rows + offs, SPLITS * n_rows, in_range,
                  m_a, z_a, e_a, k_a, m_b, z_b, k_b, a_y, b_y)
+
+
+@triton.jit
+def _target_logit(h_ptr, stride_h, rows, valid, w_ptr, stride_w, tgt, K, scale,
+                  BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """fp32 logits (h[rows] . w[tgt]) * scale of the valid rows' targets (0 for the others)."""
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    w_rows = w_ptr + tl.maximum(tgt, 0).to(tl.int64)[:, None] * stride_w
+    h_rows = h_ptr + rows[:, None] * stride_h
+    for k0 in range(0, K, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        m = valid[:, None] & (ks < K)[None, :]
+        h = tl.load(h_rows + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(h * w, 1)
+    return acc * scale
 
 
 @triton.jit
@@ -167,11 +214,11 @@ def _store_state(ptr, plane, mask, m_a, z_a, e_a, k_a, m_b, z_b, k_b, a_y, b_y):
 
 
 @triton.jit
-def _merge_kernel(part_ptr, out_ptr, n_rows, SPLITS, BLOCK: tl.constexpr):
+def _merge_kernel(part_ptr, out_ptr, tgt_ptr, n_rows, SPLITS, ignore_index, BLOCK: tl.constexpr):
     """Combine the splits' states of each row and write [7, n_rows] finals (RowStats order, but the
-    divergence slot holds KL(q||p) and the kl slot KL(p||q))."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_rows
+    divergence slot holds KL(q||p) and the kl slot KL(p||q)); zeros for ignored rows."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask, valid, _ = row_validity(tgt_ptr, offs, n_rows, ignore_index)
     plane = SPLITS * n_rows
     m_a = tl.full((BLOCK,), EMPTY_MAX, tl.float32)
     m_b = tl.full((BLOCK,), EMPTY_MAX, tl.float32)
@@ -183,28 +230,30 @@ def _merge_kernel(part_ptr, out_ptr, n_rows, SPLITS, BLOCK: tl.constexpr):
     a_y = tl.zeros((BLOCK,), tl.float32)
     b_y = tl.zeros((BLOCK,), tl.float32)
     for split in range(SPLITS):
-        ptr = part_ptr + split * n_rows + offs.to(tl.int64)
+        ptr = part_ptr + split * n_rows + offs
         m_a, z_a, e_a, k_a, m_b, z_b, k_b = combine(
             m_a, z_a, e_a, k_a, m_b, z_b, k_b,
-            tl.load(ptr, mask=mask, other=EMPTY_MAX),
-            tl.load(ptr + plane, mask=mask, other=0.0),
-            tl.load(ptr + 2 * plane, mask=mask, other=0.0),
-            tl.load(ptr + 3 * plane, mask=mask, other=0.0),
-            tl.load(ptr + 4 * plane, mask=mask, other=EMPTY_MAX),
-            tl.load(ptr + 5 * plane, mask=mask, other=0.0),
-            tl.load(ptr + 6 * plane, mask=mask, other=0.0),
+            tl.load(ptr, mask=valid, other=EMPTY_MAX),
+            tl.load(ptr + plane, mask=valid, other=0.0),
+            tl.load(ptr + 2 * plane, mask=valid, other=0.0),
+            tl.load(ptr + 3 * plane, mask=valid, other=0.0),
+            tl.load(ptr + 4 * plane, mask=valid, other=EMPTY_MAX),
+            tl.load(ptr + 5 * plane, mask=valid, other=0.0),
+            tl.load(ptr + 6 * plane, mask=valid, other=0.0),
         )
         # Exactly one split holds the target's column; the others contribute 0.
-        a_y += tl.load(ptr + 7 * plane, mask=mask, other=0.0)
-        b_y += tl.load(ptr + 8 * plane, mask=mask, other=0.0)
-    # Masked lanes hold z = 0; give them z = 1 so they compute harmless numbers (never stored).
-    z_a = tl.where(mask, z_a, 1.0)
-    z_b = tl.where(mask, z_b, 1.0)
+        a_y += tl.load(ptr + 7 * plane, mask=valid, other=0.0)
+        b_y += tl.load(ptr + 8 * plane, mask=valid, other=0.0)
+    # Ignored lanes hold z = 0; give them z = 1 and m = 0 so they compute zeros.
+    z_a = tl.where(valid, z_a, 1.0)
+    z_b = tl.where(valid, z_b, 1.0)
+    m_a = tl.where(valid, m_a, 0.0)
+    m_b = tl.where(valid, m_b, 0.0)
     log_za = tl.log(z_a)
     log_zb = tl.log(z_b)
     lse_s = m_a + log_za
     lse_t = m_b + log_zb
-    out = out_ptr + offs.to(tl.int64)
+    out = out_ptr + offs
     tl.store(out, k_b / z_b - log_zb + log_za, mask=mask)
     tl.store(out + n_rows, a_y - lse_s, mask=mask)
     tl.store(out + 2 * n_rows, b_y - lse_t, mask=mask)
@@ -214,27 +263,26 @@ def _merge_kernel(part_ptr, out_ptr, n_rows, SPLITS, BLOCK: tl.constexpr):
     tl.store(out + 6 * n_rows, k_a / z_a - log_za + log_zb, mask=mask)
 
 
-@triton.autotune(configs=autotune_configs(_GPU_CONFIGS), key=["H", "H_T", "V", "SPLITS"])
+@autotune(JSD_CONFIGS, key=["H", "H_T", "V"], dtype_arg="hs_ptr")
 @triton.jit
-def _jsd_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, rows_ptr, lse_ptr, part_ptr,
-                n_rows, H, H_T, V, SPLITS, stride_hs, stride_ht, stride_w, stride_wt, scale,
+def _jsd_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, tgt_ptr, lse_ptr, part_ptr,
+                n_rows, H, H_T, V, SPLITS, stride_hs, stride_ht, stride_w, stride_wt, scale, ignore_index,
                 log_1m_alpha, log_alpha,
                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Second JSD pass: partial sums of KL(p||M) and KL(q||M) per split, given both log-normalisers."""
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs < n_rows
-    rows = tl.load(rows_ptr + offs, mask=row_ok, other=0)
-    lse_s = tl.load(lse_ptr + offs, mask=row_ok, other=0.0)
-    lse_t = tl.load(lse_ptr + n_rows + offs, mask=row_ok, other=0.0)
-    first, last = _split_range(V, SPLITS, BLOCK_V)
+    """Second JSD pass: partial sums of KL(p||M) and KL(q||M) per split, given both log-normalisers
+    (zeros for ignored rows)."""
+    offs, in_range, valid, _, first, last = _row_tile(tgt_ptr, n_rows, ignore_index, V, SPLITS,
+                                                      BLOCK_N, BLOCK_V)
+    lse_s = tl.load(lse_ptr + offs, mask=valid, other=0.0)
+    lse_t = tl.load(lse_ptr + n_rows + offs, mask=valid, other=0.0)
     kl_sm = tl.zeros((BLOCK_N,), tl.float32)
     kl_tm = tl.zeros((BLOCK_N,), tl.float32)
     for tile in range(first, last):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        a = logit_tile(hs_ptr, stride_hs, rows, row_ok, w_ptr, stride_w, cols, col_ok, H, scale,
+        a = logit_tile(hs_ptr, stride_hs, offs, valid, w_ptr, stride_w, cols, col_ok, H, scale,
                        BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
-        b = logit_tile(ht_ptr, stride_ht, rows, row_ok, wt_ptr, stride_wt, cols, col_ok, H_T, scale,
+        b = logit_tile(ht_ptr, stride_ht, offs, valid, wt_ptr, stride_wt, cols, col_ok, H_T, scale,
                        BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
         logp = a - lse_s[:, None]
         logq = b - lse_t[:, None]
@@ -242,37 +290,79 @@ def _jsd_kernel(hs_ptr, ht_ptr, w_ptr, wt_ptr, rows_ptr, lse_ptr, part_ptr,
         ok = col_ok[None, :]
         kl_sm += tl.sum(tl.where(ok, tl.exp(logp) * (logp - logm), 0.0), 1)
         kl_tm += tl.sum(tl.where(ok, tl.exp(logq) * (logq - logm), 0.0), 1)
-    out = part_ptr + tl.program_id(1).to(tl.int64) * n_rows + offs
-    tl.store(out, kl_sm, mask=row_ok)
-    tl.store(out + SPLITS * n_rows, kl_tm, mask=row_ok)
+    out = part_ptr + tl.program_id(0).to(tl.int64) * n_rows + offs
+    tl.store(out, tl.where(valid, kl_sm, 0.0), mask=in_range)
+    tl.store(out + SPLITS * n_rows, tl.where(valid, kl_tm, 0.0), mask=in_range)
 
 
-def num_splits(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Vocabulary splits so that (row tiles x splits) fills the device even for few rows.
+def num_splits(n_rows: int, vocab: int, width: int, itemsize: int, *, programs: int, l2_bytes: int) -> int:
+    """Vocabulary splits of the forward grid (any positive integer; not a power of two).
 
-    A power of two (so autotuning, keyed on it, sees few distinct values), at most one split per 512
-    vocabulary columns so that each split still amortises its start-up.
+    Enough splits that (row tiles x splits) gives `programs` programs even for few rows, and enough
+    that the programs resident at once (split-fastest order) cover at most as many row tiles as fit,
+    hidden states of both streams (`width` = H + H_t columns of `itemsize` bytes), in half of L2. At most
+    one split per 512 vocabulary columns, so that each split still amortises its start-up. Splits are
+    not part of any autotuning key, so a new token count never retunes.
     """
-    row_tiles = triton.cdiv(n_rows, 128)
-    want = triton.next_power_of_2(triton.cdiv(device_programs(device), row_tiles))
+    row_tiles = triton.cdiv(n_rows, _SIZING_ROWS)
+    resident_rows = max(1, int(_L2_SHARE * l2_bytes) // (_SIZING_ROWS * width * itemsize))
+    want = max(triton.cdiv(programs, row_tiles), triton.cdiv(programs, resident_rows))
     return max(1, min(want, vocab // 512))
 
 
-def distill_forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tensor, rows: torch.Tensor,
-                    targets: torch.Tensor, *, alpha: float, temperature: float,
-                    splits: int | None = None) -> RowStats:
-    """Per-row statistics of the valid rows `rows` (int64 indices into hs/ht; `targets` their tokens).
+def device_splits(n_rows: int, vocab: int, width: int, itemsize: int, device: torch.device) -> int:
+    """`num_splits` for `device` (its SMs and L2; small fixed numbers off-GPU)."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 20
+    return num_splits(n_rows, vocab, width, itemsize, programs=device_programs(device), l2_bytes=l2)
 
-    hs [N, H], ht [N, H_t], w [V, H], wt [V, H_t]: fp16/bf16/fp32 with contiguous last dimensions.
-    `splits` overrides the number of vocabulary splits (tests use it to exercise the merge).
+
+def _common_args(hs, ht, w, wt, targets, splits: int, temperature: float, ignore_index: int) -> dict:
+    return dict(n_rows=targets.numel(), H=w.shape[1], H_T=wt.shape[1], V=w.shape[0], SPLITS=splits,
+                stride_hs=hs.stride(0), stride_ht=ht.stride(0), stride_w=w.stride(0), stride_wt=wt.stride(0),
+                scale=1.0 / temperature, ignore_index=ignore_index, PRECISION=dot_precision(w.dtype))
+
+
+def _grid(n_rows: int, splits: int):
+    return lambda meta: (splits, triton.cdiv(n_rows, meta["BLOCK_N"]))
+
+
+def stats_launch(hs, ht, w, wt, targets, part, *, temperature: float, ignore_index: int,
+                 has_teacher: bool) -> Launch:
+    """The stats kernel writing partial states into `part` [_STATS, splits, N]."""
+    splits = part.shape[1]
+    args = dict(hs_ptr=hs, ht_ptr=ht, w_ptr=w, wt_ptr=wt, tgt_ptr=targets, part_ptr=part,
+                **_common_args(hs, ht, w, wt, targets, splits, temperature, ignore_index), HAS_TEACHER=has_teacher)
+    return Launch(_stats_kernel, _grid(targets.numel(), splits), args)
+
+
+def merge_launch(part, final, targets, *, ignore_index: int) -> Launch:
+    """The merge kernel: partial states `part` -> finals `final` [7, N]."""
+    n_rows = targets.numel()
+    args = dict(part_ptr=part, out_ptr=final, tgt_ptr=targets, n_rows=n_rows, SPLITS=part.shape[1],
+                ignore_index=ignore_index, BLOCK=_MERGE_BLOCK)
+    return Launch(_merge_kernel, (triton.cdiv(n_rows, _MERGE_BLOCK),), args)
+
+
+def jsd_launch(hs, ht, w, wt, targets, lse, part, *, alpha: float, temperature: float,
+               ignore_index: int) -> Launch:
+    """The JSD pass writing [2, splits, N] partial sums into `part`, given log-normalisers `lse` [2, N]."""
+    splits = part.shape[1]
+    args = dict(hs_ptr=hs, ht_ptr=ht, w_ptr=w, wt_ptr=wt, tgt_ptr=targets, lse_ptr=lse, part_ptr=part,
+                **_common_args(hs, ht, w, wt, targets, splits, temperature, ignore_index),
+                log_1m_alpha=math.log1p(-alpha), log_alpha=math.log(alpha))
+    return Launch(_jsd_kernel, _grid(targets.numel(), splits), args)
+
+
+def distill_forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: torch.Tensor, targets: torch.Tensor,
+                    *, alpha: float, temperature: float, ignore_index: int, splits: int | None = None) -> RowStats:
+    """Per-row statistics of every row (zeros where `targets` is `ignore_index`), without a host sync.
+
+    hs [N, H], ht [N, H_t], w [V, H], wt [V, H_t]: fp16/bf16/fp32 with contiguous last dimensions;
+    targets [N] int64. `splits` overrides the number of vocabulary splits (tests use it to exercise the merge).
     """
-    n_rows, (vocab, hidden), hidden_t = rows.numel(), w.shape, wt.shape[1]
-    splits = splits or num_splits(n_rows, vocab, hs.device)
-    args = dict(n_rows=n_rows, H=hidden, H_T=hidden_t, V=vocab, SPLITS=splits, stride_hs=hs.stride(0),
-                stride_ht=ht.stride(0), stride_w=w.stride(0), stride_wt=wt.stride(0), scale=1.0 / temperature,
-                PRECISION=dot_precision(w.dtype))
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits)  # noqa: E731
-    part, final = _merged_stats(grid, hs, ht, w, wt, rows, targets, args, has_teacher=True)
+    splits = splits or device_splits(targets.numel(), w.shape[0], w.shape[1] + wt.shape[1], w.element_size(),
+                                     hs.device)
+    part, final = _merged_stats(hs, ht, w, wt, targets, splits, temperature, ignore_index, has_teacher=True)
     kl_qp, logp_y, logq_y, entropy, lse_s, lse_t, kl_pq = final
     if alpha == 0.0:
         return RowStats(kl_qp, logp_y, logq_y, entropy, lse_s, lse_t, torch.zeros_like(kl_pq))
@@ -280,33 +370,28 @@ def distill_forward(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, wt: tor
         return RowStats(kl_pq, logp_y, logq_y, entropy, lse_s, lse_t, kl_pq)
 
     jsd_part = part[:2]  # reuse the buffer: [2, splits, n_rows]
-    _jsd_kernel[grid](hs, ht, w, wt, rows, final[4:6], jsd_part, **args,
-                      log_1m_alpha=math.log1p(-alpha), log_alpha=math.log(alpha))
+    jsd_launch(hs, ht, w, wt, targets, final[4:6], jsd_part, alpha=alpha, temperature=temperature,
+               ignore_index=ignore_index)()
     kl_sm, kl_tm = jsd_part.sum(1)
     return RowStats((1.0 - alpha) * kl_sm + alpha * kl_tm, logp_y, logq_y, entropy, lse_s, lse_t, kl_sm)
 
 
-def _merged_stats(grid, hs, ht, w, wt, rows, targets, args: dict, *, has_teacher: bool):
-    """Run the stats and merge kernels: (partial-state buffer [_STATS, splits, n], finals [7, n])."""
-    n_rows, splits = args["n_rows"], args["SPLITS"]
+def _merged_stats(hs, ht, w, wt, targets, splits: int, temperature: float, ignore_index: int, *, has_teacher: bool):
+    """Run the stats and merge kernels: (partial-state buffer [_STATS, splits, N], finals [7, N])."""
+    n_rows = targets.numel()
     part = torch.empty(_STATS, splits, n_rows, dtype=torch.float32, device=hs.device)
-    _stats_kernel[grid](hs, ht, w, wt, rows, targets, part, **args, HAS_TEACHER=has_teacher)
+    stats_launch(hs, ht, w, wt, targets, part, temperature=temperature, ignore_index=ignore_index,
+                 has_teacher=has_teacher)()
     final = torch.empty(7, n_rows, dtype=torch.float32, device=hs.device)
-    _merge_kernel[(triton.cdiv(n_rows, _MERGE_BLOCK),)](part, final, n_rows, splits, BLOCK=_MERGE_BLOCK)
+    merge_launch(part, final, targets, ignore_index=ignore_index)()
     return part, final
 
 
-def logprobs_forward(hs: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, *,
-                     temperature: float, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student only (`linear_logprobs`): (log p(y), entropy, log-normaliser) of the valid rows `rows`, fp32.
-
-    One pass of the stats kernel without its teacher tile (no second GEMM), then the merge.
+def logprobs_forward(hs: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, *, temperature: float,
+                     ignore_index: int, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student only (`linear_logprobs`): (log p(y), entropy, log-normaliser) of every row, fp32 (zeros
+    where ignored). One pass of the stats kernel without its teacher tile (no second GEMM), then the merge.
     """
-    n_rows, (vocab, hidden) = rows.numel(), w.shape
-    splits = splits or num_splits(n_rows, vocab, hs.device)
-    args = dict(n_rows=n_rows, H=hidden, H_T=hidden, V=vocab, SPLITS=splits, stride_hs=hs.stride(0),
-                stride_ht=hs.stride(0), stride_w=w.stride(0), stride_wt=w.stride(0), scale=1.0 / temperature,
-                PRECISION=dot_precision(w.dtype))
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits)  # noqa: E731
-    _, final = _merged_stats(grid, hs, hs, w, w, rows, targets, args, has_teacher=False)
+    splits = splits or device_splits(targets.numel(), w.shape[0], w.shape[1], w.element_size(), hs.device)
+    _, final = _merged_stats(hs, hs, w, w, targets, splits, temperature, ignore_index, has_teacher=False)
     return final[1], final[3], final[4]

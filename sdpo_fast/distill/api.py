@@ -47,7 +47,9 @@ def linear_distill(
         add_tail: with `topk`, one tail bucket on both sides; False renormalises the top-k.
         ignore_index: target value of rows to skip.
         impl: "naive" (materialises logits; the specification), "chunked" (pure PyTorch, bounded
-            memory), "triton" (fused kernels), or "auto" (the fastest available for the inputs).
+            memory), "triton" (fused kernels), or "auto": Triton for fp16/bf16 CUDA inputs without
+            `topk`, else chunked (fp32 inputs go to chunked's fp32 cuBLAS GEMMs; impl="triton" runs
+            fp32 on 3xTF32 tensor-core products, about fp32 accuracy, small tiles, unmeasured speed).
         adv_clip: advantage clipping c > 0 for the reverse KL (alpha = 1) on a top-k support: each
             support token's advantage log q - log p enters the gradient clamped to [-c, c] (see
             `formulas.clip_teacher`; the divergence reported is the matching clipped one). None: off.
@@ -97,7 +99,8 @@ def linear_logprobs(
         temperature: the logits are divided by it.
         ignore_index: target value of rows to skip.
         impl: "naive" (materialises logits; the specification), "chunked" (pure PyTorch, bounded memory),
-            "triton" (fused kernels), or "auto" (Triton for fp16/bf16/fp32 CUDA inputs, else chunked).
+            "triton" (fused kernels), or "auto" (Triton for fp16/bf16 CUDA inputs, else chunked; fp32 as
+            in `linear_distill`).
 
     Returns:
         `LogProbOutput(logp, entropy)` of per-token tensors shaped like `targets`; `logp` is
@@ -133,11 +136,13 @@ def linear_logprobs(
 def _impl_name(impl: str, device: torch.device, topk: int | None, dtype: torch.dtype) -> str:
     """"naive", "chunked" or "triton" for `impl`.
 
-    "auto" takes Triton for fp16/bf16/fp32 CUDA inputs without `topk` (the kernels cover the full
-    vocabulary only), else "chunked". "triton" without the triton package raises ValueError.
+    "auto" takes Triton for fp16/bf16 CUDA inputs without `topk` (the kernels cover the full vocabulary
+    only), else "chunked" (fp32 too: its GEMMs are cuBLAS fp32, the kernels' fp32 path runs small
+    3xTF32 tiles). "triton" without the triton package raises ValueError.
     """
     if impl == "auto":
-        use_triton = device.type == "cuda" and topk is None and dtype != torch.float64 and _triton_available()
+        half = dtype in (torch.float16, torch.bfloat16)
+        use_triton = device.type == "cuda" and topk is None and half and _triton_available()
         return "triton" if use_triton else "chunked"
     if impl == "triton" and not _triton_available():
         raise ValueError("impl='triton' needs the triton package (pip install triton); use impl='chunked'")

@@ -6,8 +6,10 @@ vocabulary chunks into a bounded workspace and applied with cuBLAS GEMMs (kernel
 Registered as a torch.library custom op (see `custom_ops`), so `torch.compile` traces its callers.
 `linear_logprobs` runs the same kernels without their teacher tiles (no second GEMM, forward or backward).
 
-Covers the full vocabulary (`topk=None`) for fp16/bf16/fp32 inputs; `topk` and float64 raise ValueError
-(impl="chunked" serves them, and impl="auto" routes them there). Runs on CUDA tensors, or on CPU under
+Covers the full vocabulary (`topk=None`) for fp16/bf16/fp32 inputs (fp32 on 3xTF32 tensor-core products,
+about fp32 accuracy; impl="auto" sends fp32 to impl="chunked"); `topk` and float64 raise ValueError
+(impl="chunked" serves them, and impl="auto" routes them there). Ignored rows are masked inside the
+kernels, so forward and backward make no host synchronisation (CUDA-graph capturable). Runs on CUDA tensors, or on CPU under
 the Triton interpreter (TRITON_INTERPRET=1 set before import; slow, for tests).
 """
 
@@ -34,10 +36,6 @@ from sdpo_fast.kernels.distill_forward import distill_forward, logprobs_forward
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return (targets != ignore_index).nonzero().squeeze(-1)
-
-
 @torch.library.custom_op("sdpo_fast::linear_distill_triton", mutates_args=())
 def _triton_forward(
     student_hidden: torch.Tensor,
@@ -51,18 +49,16 @@ def _triton_forward(
     splits: Optional[int],
     workspace_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward in the calling convention of `custom_ops`; saved = [3, N] (lse_s, lse_t, KL term)."""
-    n, device = targets.shape[0], targets.device
-    div, logp = torch.zeros(n, device=device), torch.zeros(n, device=device)
-    detached, saved = torch.zeros(3, n, device=device), torch.zeros(3, n, device=device)
-    rows = _valid_rows(targets, ignore_index)
-    if rows.numel():
-        st = distill_forward(student_hidden, teacher_hidden, weight, teacher_weight, rows, targets[rows],
-                             alpha=alpha, temperature=temperature, splits=splits)
-        div[rows], logp[rows] = st.divergence, st.student_logp
-        detached[:, rows] = torch.stack([st.teacher_logp, st.teacher_logp - st.student_logp, st.entropy])
-        saved[:, rows] = torch.stack([st.lse_student, st.lse_teacher, st.kl])
-    return div, logp, detached, saved
+    """Forward in the calling convention of `custom_ops`; saved = [3, N] (lse_s, lse_t, KL term).
+
+    Every row goes through the kernels (ignored ones masked inside them): no host synchronisation.
+    """
+    st = distill_forward(student_hidden, teacher_hidden, weight, teacher_weight, targets, alpha=alpha,
+                         temperature=temperature, ignore_index=ignore_index, splits=splits)
+    detached = torch.stack([st.teacher_logp, st.teacher_logp - st.student_logp, st.entropy])
+    saved = torch.stack([st.lse_student, st.lse_teacher, st.kl])
+    # Outputs of a custom op may not alias each other (the kernels' outputs are views of one buffer).
+    return st.divergence.clone(), st.student_logp.clone(), detached, saved
 
 
 @_triton_forward.register_fake
@@ -90,25 +86,19 @@ def _triton_backward(
     need_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward in the calling convention of `custom_ops`."""
-    grad_h = torch.zeros_like(student_hidden) if need_h else student_hidden.new_empty(0)
-    grad_w = torch.zeros_like(weight) if need_w else weight.new_empty(0)
-    rows = _valid_rows(targets, ignore_index)
-    if not rows.numel():
-        return grad_h, grad_w
-    zeros = saved.new_zeros(rows.numel())
+    zeros = saved.new_zeros(targets.numel())
     row_stats = torch.stack([
-        *saved[:, rows],
-        grad_div[rows].float() if grad_div is not None else zeros,
-        grad_logp[rows].float() if grad_logp is not None else zeros,
+        *saved,
+        grad_div.float() if grad_div is not None else zeros,
+        grad_logp.float() if grad_logp is not None else zeros,
     ])
     dh, dw = distill_backward(
-        student_hidden, teacher_hidden, weight, teacher_weight, rows, targets[rows], row_stats,
-        alpha=alpha, temperature=temperature, has_div=grad_div is not None, has_logp=grad_logp is not None,
-        need_h=need_h, need_w=need_w, workspace_bytes=workspace_bytes,
+        student_hidden, teacher_hidden, weight, teacher_weight, targets, row_stats, alpha=alpha,
+        temperature=temperature, ignore_index=ignore_index, has_div=grad_div is not None,
+        has_logp=grad_logp is not None, need_h=need_h, need_w=need_w, workspace_bytes=workspace_bytes,
     )
-    if need_h:
-        grad_h[rows] = dh.to(grad_h.dtype)
-    return grad_h, dw if need_w else grad_w
+    return (dh.to(student_hidden.dtype) if need_h else student_hidden.new_empty(0),
+            dw if need_w else weight.new_empty(0))
 
 
 @_triton_backward.register_fake
@@ -138,8 +128,8 @@ def linear_distill_triton(
 ) -> DistillOutput:
     """Fused-kernel `linear_distill` (see the module docstring); arguments as `linear_distill`.
 
-    `splits` fixes the number of vocabulary splits of the forward grid (default: enough to fill the
-    device); `workspace_bytes` bounds the backward's gradient workspace. `add_tail` and `adv_clip` (both
+    `splits` fixes the number of vocabulary splits of the forward grid (default: `num_splits` of
+    `sdpo_fast.kernels.distill_forward`, from N, the device's SMs and L2); `workspace_bytes` bounds the backward's gradient workspace. `add_tail` and `adv_clip` (both
     top-k only) are unused.
     """
     if topk is not None or adv_clip is not None:
@@ -179,14 +169,9 @@ def _triton_logprobs_forward(
     workspace_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Student-only forward in the calling convention of `custom_ops`; saved = log-normalisers [1, N]."""
-    n, device = targets.shape[0], targets.device
-    logp = torch.zeros(n, device=device)
-    detached, lse = torch.zeros(1, n, device=device), torch.zeros(1, n, device=device)
-    rows = _valid_rows(targets, ignore_index)
-    if rows.numel():
-        logp[rows], detached[0, rows], lse[0, rows] = logprobs_forward(hidden, weight, rows, targets[rows],
-                                                                       temperature=temperature, splits=splits)
-    return logp, detached, lse
+    logp, entropy, lse = logprobs_forward(hidden, weight, targets, temperature=temperature,
+                                          ignore_index=ignore_index, splits=splits)
+    return logp.clone(), entropy[None].clone(), lse[None].clone()
 
 
 @_triton_logprobs_forward.register_fake
@@ -209,21 +194,15 @@ def _triton_logprobs_backward(
     need_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Student-only backward: the distill backward kernel with its divergence term (and teacher tile) off."""
-    grad_h = torch.zeros_like(hidden) if need_h else hidden.new_empty(0)
-    grad_w = torch.zeros_like(weight) if need_w else weight.new_empty(0)
-    rows = _valid_rows(targets, ignore_index)
-    if not rows.numel():
-        return grad_h, grad_w
-    zeros = lse.new_zeros(rows.numel())
-    row_stats = torch.stack([lse[0, rows], zeros, zeros, zeros, grad_logp[rows].float()])
+    zeros = lse.new_zeros(targets.numel())
+    row_stats = torch.stack([lse[0], zeros, zeros, zeros, grad_logp.float()])
     # The teacher arguments are the student's own tensors: with has_div=False the kernel never reads them.
     dh, dw = distill_backward(
-        hidden, hidden, weight, weight, rows, targets[rows], row_stats, alpha=1.0, temperature=temperature,
-        has_div=False, has_logp=True, need_h=need_h, need_w=need_w, workspace_bytes=workspace_bytes,
+        hidden, hidden, weight, weight, targets, row_stats, alpha=1.0, temperature=temperature,
+        ignore_index=ignore_index, has_div=False, has_logp=True, need_h=need_h, need_w=need_w,
+        workspace_bytes=workspace_bytes,
     )
-    if need_h:
-        grad_h[rows] = dh.to(grad_h.dtype)
-    return grad_h, dw if need_w else grad_w
+    return dh.to(hidden.dtype) if need_h else hidden.new_empty(0), dw if need_w else weight.new_empty(0)
 
 
 @_triton_logprobs_backward.register_fake
