@@ -324,15 +324,15 @@ def test_grad_hidden_accumulates_in_fp32():
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU to capture a CUDA graph")
 def test_cuda_graph_capture():
-    """Forward and backward of the fused op captured in one CUDA graph (possible only without host
-    syncs) and replayed on new inputs give the eager results."""
+    """Forward and backward of the public fused op (argument checks included) captured in one CUDA graph
+    (possible only without host syncs) and replayed on new inputs give the eager results."""
     hs, ht, w, wt, targets, upstream = make_case(n=200, h=128, v=3000, h_t=64, dtype=torch.bfloat16, seed=14)
     hs.requires_grad_(True)
     w.requires_grad_(True)
 
     def step():
-        out = linear_distill_triton(hs, ht, w, wt, targets, alpha=0.5, temperature=1.0, topk=None,
-                                    add_tail=True, ignore_index=IGNORE)
+        out = linear_distill(hs, ht, w, targets, teacher_weight=wt, alpha=0.5, temperature=1.0,
+                             ignore_index=IGNORE, impl="triton")  # the public op, its checks included
         loss = (upstream[0] * out.divergence + upstream[1] * out.student_logp).sum()
         return torch.autograd.grad(loss, (hs, w))
 

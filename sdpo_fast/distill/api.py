@@ -278,8 +278,15 @@ def _(targets, vocab, ignore_index):
 
 
 def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Every target must be a token id in [0, V) or the ignore index (one device sync)."""
+    """Every target must be a token id in [0, V) or the ignore index.
+
+    On the CPU a ValueError names the first bad id. On a GPU the check is an asynchronous device-side
+    assertion (`torch._assert_async`): no host sync, so the op stays capturable in a CUDA graph; a bad
+    id stops the process at the next synchronisation with the message below (the CUDA context is lost).
+    """
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        raise ValueError(f"targets must be token ids in [0, V={vocab}) or ignore_index={ignore_index}; "
-                         f"found {int(targets[bad][0])}")
+    message = f"targets must be token ids in [0, V={vocab}) or ignore_index={ignore_index}"
+    if targets.device.type != "cpu":
+        torch._assert_async(~bad.any(), message)
+    elif bool(bad.any()):
+        raise ValueError(f"{message}; found {int(targets[bad][0])}")
