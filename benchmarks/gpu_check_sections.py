@@ -503,10 +503,12 @@ def section_resources(plan: Plan, deadline: float) -> dict:
                        "(python -m sdpo_fast.kernels.resources)")
     with tempfile.TemporaryDirectory(prefix="gpu-check-resources-") as tmp:
         log = Path(tmp) / "log.txt"
-        rc = run_logged([sys.executable, "-m", "sdpo_fast.kernels.resources"], log,
-                        timeout=deadline - time.time(), cwd=Path.cwd())
+        # The fast subset (bf16, sm_90, every pickable config) with the machine's own triton; the full
+        # matrix is a CPU command of its own and does not fit the device budget.
+        args = ["-m", "sdpo_fast.kernels.resources", "--fast", "--jobs", str(min(8, os.cpu_count() or 1)), tmp]
+        rc = run_logged([sys.executable, *args], log, timeout=deadline - time.time(), cwd=Path.cwd())
         output = tail(log, TAIL_CHARS)
-    figures = {"command": "python -m sdpo_fast.kernels.resources", "returncode": rc, "output_tail": output}
+    figures = {"command": "python " + " ".join(args[:-1]) + " DIR", "returncode": rc, "output_tail": output}
     if rc == 0:
         return ok(**figures)
     return {"status": "failed", "reason": "time limit" if rc is None else f"exit code {rc}", "figures": figures}
