@@ -72,7 +72,7 @@ def test_one_step_of_every_algorithm_and_teacher(tmp_path, algorithm, teacher):
 
 
 def test_sampled_token_sdpo_and_topk(tmp_path):
-    cfg = tiny_config(tmp_path, "--max-steps", "1", "--loss.no-full-logit-distillation", "--loss.alpha", "1",
+    cfg = tiny_config(tmp_path, "--max-steps", "1", "--algorithm", "sdpo_token", "--loss.alpha", "1",
                       "--teacher", "live")
     run_trainer(cfg)
     cfg = tiny_config(tmp_path / "topk", "--max-steps", "1", "--loss.topk", "5")

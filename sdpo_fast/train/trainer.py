@@ -14,12 +14,13 @@ of the mismatch between sampler and trainer (see docs/scaling.md).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import os
 import random
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +37,17 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from tqdm import tqdm
 
-from sdpo_fast.algorithm import Aggregator, LossConfig, RepromptConfig, Teacher, TokenBatch, build_teacher_contexts
+from sdpo_fast.algorithm import Aggregator, Teacher, TokenBatch, build_teacher_contexts
 from sdpo_fast.algorithm import compute_loss, grpo_advantages
 from sdpo_fast.algorithm.metrics import Metrics
 from sdpo_fast.envs import BatchEvaluator
-from sdpo_fast.files import plain, write_atomically
-from sdpo_fast.models import load_model, load_tokenizer
-from sdpo_fast.rollout import Rollouts, SamplingConfig, VLLMRollout, generate, require_vllm
+from sdpo_fast.files import write_atomically
+from sdpo_fast.models import check_model, load_model, load_tokenizer
+from sdpo_fast.rollout import Rollouts, VLLMRollout, generate, require_vllm
 from sdpo_fast.train import checkpoint
-from sdpo_fast.train.config import TrainConfig
-from sdpo_fast.train.data import Task, load_task
+from sdpo_fast.train.checks import RUN_FILES, check_output_dir
+from sdpo_fast.train.config import TrainConfig, from_dict, to_dict
+from sdpo_fast.train.data import Task, check_task, load_task
 from sdpo_fast.train.evaluate import eos_ids, heldout_correct, prompt_ids
 from sdpo_fast.train.metrics import MetricsWriter, plot_metrics
 from sdpo_fast.train.parallel import Runtime, full_tensor, full_weights, init_runtime, shard_model
@@ -56,22 +58,14 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 
 
-def loss_config(cfg: TrainConfig) -> LossConfig:
-    """The algorithm layer's LossConfig for a training config."""
-    mode = {"grpo": "grpo", "blend": "blend"}.get(cfg.algorithm)
-    if mode is None:
-        mode = "sdpo" if cfg.loss.full_logit_distillation else "sdpo_token"
-    lo = cfg.loss
-    return LossConfig(mode=mode, alpha=lo.alpha, topk=lo.topk, add_tail=lo.add_tail, is_clip=lo.is_clip,
-                      eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip,
-                      blend_lambda=lo.blend_lambda, adv_clip=lo.adv_clip, agg_mode=lo.agg_mode)
-
-
 class Trainer:
     """One training run of `cfg` (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, task: Task | None = None):
         """`task`: the problems and environment to use instead of loading `cfg.task`."""
+        check_model(cfg.model)  # before anything loads (the output directory is checked by `fit`)
+        if task is None:
+            check_task(cfg.task, cfg.task_options, cfg.data)
         self.cfg = cfg
         self.rt: Runtime = init_runtime(cfg.device)
         if cfg.rollout == "vllm":
@@ -82,12 +76,12 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         _seed_everything(cfg.seed + self.rt.rank)
-        self.loss_cfg = loss_config(cfg)
+        self.loss_cfg = cfg.loss
         self.tokenizer = load_tokenizer(cfg.model)
         self.task: Task = task or load_task(cfg.task, seed=cfg.seed, heldout_size=max(cfg.eval.problems, 1),
-                                            options=cfg.task_options)
-        self.sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p)
-        self.reprompt = RepromptConfig(**asdict(cfg.reprompt))
+                                            options=cfg.task_options, data=cfg.data)
+        self.sampling = cfg.sampling
+        self.reprompt = cfg.reprompt
         self.eos = eos_ids(self.tokenizer)
 
         lm = load_model(cfg.model, seed=cfg.seed).to(self.rt.device)
@@ -138,11 +132,12 @@ class Trainer:
 
     def _fit(self) -> dict:
         cfg = self.cfg
+        if self.rt.is_main:
+            check_output_dir(cfg)
         if cfg.resume:
             self._resume()
-        elif self.rt.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.out / "config.yaml", yaml.safe_dump(plain(asdict(cfg)), sort_keys=False))
+        if self.rt.is_main:
+            self._record_config()
         self._barrier()
         writer = MetricsWriter(self.out / "metrics.jsonl", tensorboard_dir=self.out / "tensorboard",
                                resume_step=self.step if cfg.resume else None) if self.rt.is_main else None
@@ -174,6 +169,26 @@ class Trainer:
             writer.close()
             plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
         return summary
+
+    def _record_config(self) -> None:
+        """Write output_dir/config.yaml (what `--resume` restores). A new run with --overwrite first deletes the
+        previous run's files; a resumed run whose settings changed appends the changes, with the step they
+        apply from, to config_changes.jsonl."""
+        cfg, saved = self.cfg, self.out / "config.yaml"
+        if cfg.overwrite and not cfg.resume:
+            for name in RUN_FILES:
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        current = to_dict(dataclasses.replace(cfg, resume=False, overwrite=False))
+        if cfg.resume and saved.is_file():
+            before = _flatten(to_dict(from_dict(TrainConfig, yaml.safe_load(saved.read_text()) or {})))
+            changed = {k: [before.get(k), v] for k, v in _flatten(current).items() if before.get(k) != v}
+            if changed:
+                log.info("resuming with changed settings: %s", changed)
+                with open(self.out / "config_changes.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step, "changed": changed}) + "\n")
+        write_atomically(saved, yaml.safe_dump(current, sort_keys=False))
 
     # ----------------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -447,6 +462,17 @@ def _reshard(policy: Policy) -> None:
     behind for the EMA update and the checkpoint."""
     if isinstance(policy, FSDPModule):
         policy.reshard()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"loss.alpha": 0.5, ...} from nested mappings."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "task_options" and key != "chat_template_kwargs":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _seed_everything(seed: int) -> None:
