@@ -51,7 +51,7 @@ from sdpo_fast.train.data import Task, check_task, load_task
 from sdpo_fast.train.evaluate import eos_ids, heldout_correct, prompt_ids
 from sdpo_fast.train.metrics import MetricsWriter, plot_metrics
 from sdpo_fast.train.parallel import Runtime, full_tensor, full_weights, init_runtime, shard_model
-from sdpo_fast.train.policy import Policy, TeacherBatch
+from sdpo_fast.train.policy import Policy, TeacherBatch, quiet_cache_warning
 from sdpo_fast.train.telemetry import GPUTelemetry
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,18 @@ class Trainer:
         self.eos = eos_ids(self.tokenizer)
 
         lm = load_model(cfg.model, seed=cfg.seed).to(self.rt.device)
-        teacher_lm = None
+        teacher_lm = ref_lm = None
         if self.loss_cfg.uses_teacher and cfg.teacher != "live":
             teacher_lm = copy.deepcopy(lm)  # before sharding, so both shard alike
+        # KL reference: the frozen initial model; the frozen and trust-region teachers already hold it
+        shares_reference = teacher_lm is not None and cfg.teacher in ("frozen", "trust_region")
+        if self.loss_cfg.kl_coef > 0 and not shares_reference:
+            ref_lm = copy.deepcopy(lm).requires_grad_(False)
         self.policy = self._wrap(lm, reuse_kv=not cfg.activation_checkpointing)
         self.teacher_policy = self._wrap(teacher_lm, reuse_kv=False) if teacher_lm is not None else None
+        self.ref_policy: Policy | None = None
+        if self.loss_cfg.kl_coef > 0:
+            self.ref_policy = self.teacher_policy if shares_reference else self._wrap(ref_lm, reuse_kv=False)
         self.teacher = (Teacher(cfg.teacher, self.policy.lm, tau=cfg.tau,
                                 model=self.teacher_policy.lm if self.teacher_policy else None)
                         if self.loss_cfg.uses_teacher else None)
@@ -110,6 +117,8 @@ class Trainer:
             self._sync_rollout_weights()
             self.vllm.sleep()  # keeps a CPU copy: evaluation and the first step's scoring need the GPU memory
         self.step = 0
+        self.started = time.perf_counter()
+        self.elapsed_before = 0.0  # training time of the run before a resume
 
     def _wrap(self, lm, reuse_kv: bool) -> Policy:
         policy = Policy(lm, share_prefix=self.cfg.share_prefix, reuse_prefix_kv=reuse_kv)
@@ -132,6 +141,7 @@ class Trainer:
 
     def _fit(self) -> dict:
         cfg = self.cfg
+        self.started = time.perf_counter()
         if self.rt.is_main:
             check_output_dir(cfg)
         if cfg.resume:
@@ -167,7 +177,8 @@ class Trainer:
             self.export()
         if writer:
             writer.close()
-            plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
+            plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png",
+                         title=f"{self.out.name}: {cfg.algorithm} on {cfg.task}, {cfg.model}")
         return summary
 
     def _record_config(self) -> None:
@@ -212,6 +223,7 @@ class Trainer:
         loss_metrics, loss_value = self._score_and_backward(messages, prompts, rollouts.responses, rewards,
                                                             [e.feedback for e in evals], rollouts.logprobs)
         t_score = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses (the scheduler then moves on)
         grad_norm = self._optimizer_step()
         t_update = time.perf_counter()
         self._sync_rollout_weights()
@@ -219,18 +231,17 @@ class Trainer:
 
         lengths = [len(r) for r in rollouts.responses]
         tokens = sum(lengths) + sum(len(prompts[i // G]) for i in range(len(lengths)))
-        local = {
-            "reward/mean": float(np.mean(rewards)),
-            "reward/success_frac": float(np.mean([r >= cfg.reprompt.success_reward_threshold for r in rewards])),
-            "response/length_mean": float(np.mean(lengths)),
-            "response/truncated_frac": float(np.mean(rollouts.truncated)),
-            "loss": loss_value,
-            **loss_metrics,
-        }
+        local = {"loss": loss_value, **loss_metrics}
         metrics = self._mean_over_ranks(local)
+        metrics.update(rollout_metrics(self._concat_over_ranks(rewards), self._concat_over_ranks(lengths),
+                                       self._concat_over_ranks(list(rollouts.truncated)),
+                                       self._concat_over_ranks(["error" in e.details for e in evals]), G,
+                                       cfg.reprompt.success_reward_threshold))
         metrics.update({
             "grad_norm": float(grad_norm),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
+            "samples": self.step * cfg.prompts_per_step * G,
+            "time/elapsed_s": self.elapsed_before + time.perf_counter() - self.started,
             "throughput/tokens_per_s": self._sum_over_ranks(tokens) / (t_end - t0),
             "time/generate_s": t_gen - t0,
             "time/evaluate_s": t_env - t_gen,
@@ -272,8 +283,9 @@ class Trainer:
             rollouts = self.vllm.generate(prompts, G, self.sampling, eos_token_ids=self.eos)
             self.vllm.sleep(discard_weights=True)  # `_sync_rollout_weights` reloads them after the update
             return rollouts
-        rollouts = generate(self.policy, prompts, G, self.sampling, eos_token_ids=self.eos,
-                            pad_token_id=self.tokenizer.pad_token_id, batch_size=self.cfg.generation_batch_size)
+        with quiet_cache_warning():
+            rollouts = generate(self.policy, prompts, G, self.sampling, eos_token_ids=self.eos,
+                                pad_token_id=self.tokenizer.pad_token_id, batch_size=self.cfg.generation_batch_size)
         _reshard(self.policy)
         return rollouts
 
@@ -330,7 +342,8 @@ class Trainer:
             out = self.policy(seqs, starts, op_targets[rows], teacher, distill)
             dev = self.rt.device
             common = dict(advantages=advantages[rows].to(dev) if advantages is not None else None,
-                          old_logp=old_logp[rows].to(dev) if old_logp is not None else None)
+                          old_logp=old_logp[rows].to(dev) if old_logp is not None else None,
+                          ref_logp=self._reference_logp(seqs, starts, op_targets[rows], distill))
             if teacher is None:
                 batch = TokenBatch(mask=mask[rows].to(dev), student_logp=out.logp, entropy=out.entropy, **common)
             else:
@@ -342,7 +355,17 @@ class Trainer:
             total += float(loss.detach())
         if self.teacher_policy is not None:
             _reshard(self.teacher_policy)
+        if self.ref_policy is not None and self.ref_policy is not self.teacher_policy:
+            _reshard(self.ref_policy)
         return {**extra, **metrics.summary()}, total
+
+    @torch.no_grad()
+    def _reference_logp(self, seqs, starts, targets: torch.Tensor, distill: dict) -> torch.Tensor | None:
+        """log p_ref(y_t) of the sampled tokens under the frozen initial model (at the sampling temperature, as
+        the policy's), for the KL penalty; None without one."""
+        if self.ref_policy is None:
+            return None
+        return self.ref_policy(seqs, starts, targets, None, {"temperature": distill["temperature"]}).logp
 
     def _teacher_head(self) -> torch.Tensor | None:
         """The teacher's LM head for this step (gathered once when sharded)."""
@@ -388,7 +411,8 @@ class Trainer:
 
     def save(self) -> Path:
         extras = {"step": self.step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                  "numpy_rng": np.random.get_state()}
+                  "numpy_rng": np.random.get_state(),
+                  "elapsed_s": self.elapsed_before + time.perf_counter() - self.started}
         return checkpoint.save_checkpoint(self.ckpt_dir, self.step, self._state(), extras,
                                           keep=self.cfg.keep_checkpoints)
 
@@ -407,6 +431,8 @@ class Trainer:
         random.setstate(extras["python_rng"])
         np.random.set_state(extras["numpy_rng"])
         self.step = extras["step"]
+        self.elapsed_before = extras.get("elapsed_s", 0.0)
+        self.started = time.perf_counter()
         self._sync_rollout_weights()
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -439,6 +465,14 @@ class Trainer:
         dist.all_reduce(t)
         return float(t)
 
+    def _concat_over_ranks(self, values: list) -> list:
+        """Every rank's `values`, concatenated in rank order (groups stay whole: each rank has its own)."""
+        if self.rt.world_size == 1:
+            return list(values)
+        parts: list = [None] * self.rt.world_size
+        dist.all_gather_object(parts, list(values))
+        return [v for part in parts for v in part]
+
     def _gather_over_ranks(self, metrics: dict) -> dict:
         """The union of every rank's `metrics` (keys distinct per rank, e.g. GPU telemetry)."""
         if self.rt.world_size == 1:
@@ -462,6 +496,26 @@ def _reshard(policy: Policy) -> None:
     behind for the EMA update and the checkpoint."""
     if isinstance(policy, FSDPModule):
         policy.reshard()
+
+
+def rollout_metrics(rewards: list[float], lengths: list[int], truncated: list[bool], errors: list[bool], group: int,
+                    success_threshold: float) -> dict:
+    """The step's reward and response statistics over all rollouts (consecutive `group` rollouts share a prompt):
+    reward mean/std/min/max, success fraction, fraction of groups whose rewards are all equal (no GRPO signal),
+    response length mean/min/max, truncated fraction, and how many evaluations the environment failed."""
+    r = np.asarray(rewards, dtype=np.float64)
+    n = np.asarray(lengths, dtype=np.float64)
+    groups = r.reshape(-1, group)
+    return {
+        "reward/mean": float(r.mean()), "reward/std": float(r.std()), "reward/min": float(r.min()),
+        "reward/max": float(r.max()),
+        "reward/success_frac": float(np.mean(r >= success_threshold)),
+        "reward/zero_std_group_frac": float(np.mean(groups.max(1) == groups.min(1))),
+        "response/length_mean": float(n.mean()), "response/length_min": float(n.min()),
+        "response/length_max": float(n.max()),
+        "response/truncated_frac": float(np.mean(truncated)),
+        "env/errors": int(sum(errors)),
+    }
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
