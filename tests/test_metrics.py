@@ -90,3 +90,26 @@ def test_plot_title_integer_steps_plain_axes_and_smoothing(tmp_path):
     assert len(ax.lines) == 2 and len(axes["lr"].lines) == 1  # raw points + moving average; lr unsmoothed
     assert metrics.smooth([0.0, 1.0, 1.0], 0.5) == [0.0, 0.5, 0.75]
     plt.close(fig)
+
+
+def test_tensorboard_gets_every_finite_scalar_when_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is an optional extra)
+        def __init__(self, log_dir):
+            calls.append(("open", log_dir))
+
+        def add_scalar(self, key, value, step):
+            calls.append((key, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    writer = MetricsWriter(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
+    writer.log(3, {"reward/mean": 0.5, "loss": float("nan"), "note": "text"})
+    writer.close()
+    assert calls == [("open", str(tmp_path / "tb")), ("reward/mean", 0.5, 3), ("close",)]
