@@ -254,6 +254,8 @@ class TrainConfig:
         return self.loss.mode
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, str):  # TrainConfig(output_dir="runs/x") from Python
+            self.output_dir = Path(self.output_dir)
         check_types(self)
         for name in ("max_steps", "prompts_per_step", "rollouts_per_prompt", "micro_batch_size",
                      "generation_batch_size", "env_workers", "env_timeout_s"):

@@ -156,7 +156,7 @@ class Trainer:
             summary["eval/accuracy_before"] = acc = self.evaluate()
             if writer:
                 writer.log(0, {"eval/accuracy": acc})
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algorithm} on {cfg.task}",
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algorithm} on {self.task.name}",
                    disable=not self.rt.is_main, unit="step", dynamic_ncols=True)
         while self.step < cfg.max_steps:
             self.step += 1
@@ -178,7 +178,7 @@ class Trainer:
         if writer:
             writer.close()
             plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png",
-                         title=f"{self.out.name}: {cfg.algorithm} on {cfg.task}, {cfg.model}")
+                         title=f"{self.out.name}: {cfg.algorithm} on {self.task.name}, {cfg.model}")
         return summary
 
     def _record_config(self) -> None:
