@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         resume = " (continue from the last checkpoint with --resume)" if argv[0] == "train" else ""
-        print(f"\n{prog}: interrupted{resume}", file=sys.stderr)
+        print(f"{prog}: interrupted{resume}", file=sys.stderr)
         raise SystemExit(130) from None
 
 

@@ -78,21 +78,14 @@ def test_every_option_has_help_and_config_is_documented(tmp_path):
         assert "--task-options KEY VALUE" in done.stdout
     done, _ = sdpo_fast("train", "--help", cwd=tmp_path)
     assert "no-dont" not in done.stdout and "--reprompt.self-demonstration" in done.stdout
-    # an option without help text shows only its default: every option line is followed by words
-    import tyro  # noqa: F401  (the parser the help comes from)
-    from sdpo_fast.train.config import DataOptions, EvalOptions, OptimOptions, VLLMOptions
-    from sdpo_fast.algorithm.config import LossConfig, RepromptConfig
-    from sdpo_fast.rollout.sampling import SamplingConfig
-    from tyro._docstrings import get_field_docstring
-
-    for cls in (TrainConfig, DataOptions, EvalOptions, OptimOptions, VLLMOptions, LossConfig, RepromptConfig,
-                SamplingConfig):
-        import dataclasses
-
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
-                continue
-            assert get_field_docstring(cls, f.name, ()), f"{cls.__name__}.{f.name} has no help text"
+    for command in ("train", "eval"):  # an option without help text would show only "(default: ...)"
+        done, _ = sdpo_fast(command, "--help", cwd=tmp_path)
+        lines = [line.strip("│ ").rstrip() for line in done.stdout.splitlines()]
+        options = [i for i, line in enumerate(lines) if line.startswith("--") and not line.startswith("--help")]
+        assert len(options) > (40 if command == "train" else 8)
+        for i in options:
+            inline = "   " in lines[i]  # short help shares the option's line
+            assert inline or not lines[i + 1].startswith("(default"), f"{command} {lines[i]} has no help text"
 
 
 def test_demo_config_task_options_stay_overridable():
@@ -146,3 +139,31 @@ def test_runs_are_never_silently_replaced_and_resume_restores_the_saved_config(t
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
     assert not (out / "config_changes.jsonl").exists()
     assert "algorithm" not in (out / "config.yaml").read_text() and "mode: sdpo" in (out / "config.yaml").read_text()
+
+
+def test_eval_takes_task_options():
+    from sdpo_fast.train.config import EvalConfig
+
+    cfg = parse(EvalConfig, ["--model", "tiny-random", "--task-options", "digits", "2", "ops", "+"], prog="t")
+    assert cfg.task_options == {"digits": "2", "ops": "+"}
+
+
+def test_ctrl_c_ends_training_with_one_line(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sdpo_fast.cli", "train", *TINY, "--output-dir", str(out),
+                             "--max-steps", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() or '"step": 1' not in (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "sdpo-fast train: interrupted (continue from the last checkpoint with --resume)"

@@ -132,6 +132,6 @@ def _tensorboard(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log.info("tensorboard not installed: metrics go to JSONL only")
+        log.info("tensorboard not installed (pip install 'sdpo-fast[tensorboard]'): metrics go to JSONL only")
         return None
     return SummaryWriter(str(log_dir))

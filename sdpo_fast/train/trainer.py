@@ -158,21 +158,23 @@ class Trainer:
                 writer.log(0, {"eval/accuracy": acc})
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algorithm} on {self.task.name}",
                    disable=not self.rt.is_main, unit="step", dynamic_ncols=True)
-        while self.step < cfg.max_steps:
-            self.step += 1
-            metrics = self.train_step()
-            last = self.step == cfg.max_steps
-            if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
-                metrics["eval/accuracy"] = self.evaluate()
-            if writer:
-                writer.log(self.step, metrics)
-            if cfg.keep_checkpoints and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
-                self.save()
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics['loss']:.3f}",
-                            **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
-            bar.update(1)
-            summary.update(metrics)
-        bar.close()
+        try:
+            while self.step < cfg.max_steps:
+                self.step += 1
+                metrics = self.train_step()
+                last = self.step == cfg.max_steps
+                if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
+                    metrics["eval/accuracy"] = self.evaluate()
+                if writer:
+                    writer.log(self.step, metrics)
+                if cfg.keep_checkpoints and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
+                    self.save()
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics['loss']:.3f}",
+                                **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
+                bar.update(1)
+                summary.update(metrics)
+        finally:  # also on Ctrl-C or an error: the bar's last line ends before any message
+            bar.close()
         if cfg.export:
             self.export()
         if writer:
