@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sdpo_fast.envs import CodeEnv, Environment, MathEnv, load_humaneval, load_jsonl, make_problems, task_env
 from sdpo_fast.envs.code_env import check_code_problem
-from sdpo_fast.envs.tasks import FEEDBACK_LEVELS, split_of
+from sdpo_fast.envs.tasks import _GENERATORS, FEEDBACK_LEVELS, split_of  # the generators' knobs and defaults
 
 BUILTIN_TASKS = ("arithmetic", "string", "code")
 DATASET_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -49,24 +48,40 @@ class Task:
 
 
 def task_options(spec: str, options: dict | None) -> tuple[dict, str]:
-    """(generator knobs, feedback level) of a built-in task, checked on one problem (fast); command-line
-    values arrive as strings: "3" -> 3, "+-" stays text."""
-    knobs = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in (options or {}).items()}
-    feedback = knobs.pop("feedback", "hint")
+    """(generator knobs, feedback level) of a built-in task, checked on one problem (fast). Command-line values
+    arrive as strings and are converted to the type of the knob's default ("3" -> 3 for `digits`, "+-" stays
+    text for `ops`)."""
+    options = dict(options or {})
+    feedback = str(options.pop("feedback", "hint"))
     if spec not in BUILTIN_TASKS:
-        if knobs or options:
-            raise ValueError(f"task_options {sorted(options or {})} apply to built-in tasks only ({BUILTIN_TASKS}), "
+        if options:
+            raise ValueError(f"task_options {sorted(options)} apply to built-in tasks only ({BUILTIN_TASKS}), "
                              f"not {spec!r}")
         return {}, feedback
     if feedback not in FEEDBACK_LEVELS:
         raise ValueError(f"task_options feedback must be one of {', '.join(FEEDBACK_LEVELS)}; got {feedback!r}")
+    knobs = {name: _knob(spec, name, value) for name, value in options.items()}
     try:
         make_problems(spec, "train", 1, 0, at_most=True, **knobs)
-    except TypeError as exc:  # an unknown knob, or a value of the wrong type
-        raise ValueError(f"task_options {knobs} do not fit task {spec!r}: {exc}") from None
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"task_options {knobs}: {exc}") from None
     return knobs, feedback
+
+
+def _knob(spec: str, name: str, value):
+    """`value` as the type of the generator's default for knob `name` (ValueError naming it otherwise)."""
+    params = {k: p for k, p in inspect.signature(_GENERATORS[spec]).parameters.items() if k != "rng"}
+    if name not in params:
+        raise ValueError(f"task_options {name!r} is not a knob of task {spec!r} (knobs: "
+                         f"{', '.join([*params, 'feedback'])})")
+    kind = type(params[name].default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        return kind(value) if kind is str else kind(str(value).strip())
+    except ValueError:
+        raise ValueError(f"task_options {name} must be {'an integer' if kind is int else kind.__name__} for task "
+                         f"{spec!r}, got {value!r}") from None
 
 
 def check_task(spec: str, options: dict | None = None, data: Any = None) -> None:
