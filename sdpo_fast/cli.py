@@ -9,6 +9,7 @@ A command is a config class (its docstring's first line is the command's help) a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import sys
@@ -23,14 +24,22 @@ from sdpo_fast.ttsd.config import ExperimentConfig, TTSDConfig
 USAGE_ERROR = 2
 
 
-class UsageError(ValueError):
-    """A bad input found before any work started: printed as one line, exit status 2."""
+class UsageError(SystemExit):
+    """A bad input found before any work started: prints its one line to stderr when raised; exit status 2."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(USAGE_ERROR)
+        self.message = message
+        print(f"{prog}: error: {message}", file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _train(cfg: TrainConfig) -> None:
     from sdpo_fast.train.checks import check_run
 
-    _checked(check_run, cfg)  # before torch and the model load
+    _checked("sdpo-fast train", check_run, cfg)  # before torch and the model load
     from sdpo_fast.train.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -48,8 +57,8 @@ def _eval(cfg: EvalConfig) -> None:
     from sdpo_fast.models import check_model
     from sdpo_fast.train.data import check_task
 
-    _checked(check_model, cfg.model)
-    _checked(check_task, cfg.task, cfg.task_options, cfg.data)
+    _checked("sdpo-fast eval", check_model, cfg.model)
+    _checked("sdpo-fast eval", check_task, cfg.task, cfg.task_options, cfg.data)
     import torch
 
     from sdpo_fast.envs import BatchEvaluator
@@ -107,16 +116,17 @@ def _bench(cfg: BenchConfig) -> None:
 COMMANDS["bench"] = (BenchConfig, _bench)
 
 
-def _checked(check: Callable, *args) -> None:
+def _checked(prog: str, check: Callable, *args) -> None:
     """Run a pre-flight check; its ValueError becomes a UsageError (one line, exit 2)."""
     try:
         check(*args)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(prog, str(exc)) from None
 
 
 def parse(cls: type, args: list[str], prog: str):
-    """Build `cls` from `--config FILE` (optional) and flags; raises UsageError on a bad file or value.
+    """Build `cls` from `--config FILE` (optional) and flags; a bad file or value raises UsageError (a SystemExit
+    with status 2, its one line printed).
 
     For `train --resume` without `--config`, the run's saved output_dir/config.yaml gives the defaults, so
     the run continues as it was configured; flags given with --resume override it.
@@ -136,9 +146,24 @@ def parse(cls: type, args: list[str], prog: str):
         default = load_yaml(cls, config) if config else cls()
         description = (f"{(cls.__doc__ or '').strip()}\n\n--config FILE: a YAML file of defaults (nested mappings for "
                        f"the dotted groups); flags override it.")
-        return tyro.cli(cls, default=default, args=rest, prog=prog, description=description)
+        with _value_errors_in_one_line(prog):
+            return tyro.cli(cls, default=default, args=rest, prog=prog, description=description)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(prog, str(exc)) from None
+
+
+def _value_errors_in_one_line(prog: str):
+    """While tyro parses: a value that a config's own checks refuse (tyro's "instantiation failure") becomes a
+    UsageError, printed as one line like every other bad input; tyro keeps reporting unknown flags and
+    invalid choices itself. Uses tyro's parse-error hook (`tyro._errors.on_parse_error`) when it has one."""
+    from tyro import _errors
+
+    def hook(event) -> None:
+        if isinstance(event, getattr(_errors, "InstantiationFailure", ())):
+            raise UsageError(prog, event.message)
+
+    register = getattr(_errors, "on_parse_error", None)
+    return register(hook) if register is not None else contextlib.nullcontext()
 
 
 def usage() -> str:
@@ -167,9 +192,6 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse(cls, argv[1:], prog=prog)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run(cfg)
-    except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        raise SystemExit(USAGE_ERROR) from None
     except OSError as exc:  # a full disk, a read-only directory, ...: what failed and where, in one line
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
             raise

@@ -32,6 +32,8 @@ BAD_INPUTS = {  # name: (YAML file content or None, flags, words the message mus
     "yaml syntax": ("model: [\n", [], ["bad.yaml", "line 2", "invalid YAML"]),
     "yaml unknown key": ("optim: {learning_rate: 1}\n", [], ["optim.learning_rate"]),
     "grpo one rollout": ("algorithm: grpo\nrollouts_per_prompt: 1\n", [], ["rollouts_per_prompt >= 2"]),
+    "flag value": (None, ["--algorithm", "grpo", "--rollouts-per-prompt", "1"], ["rollouts_per_prompt >= 2"]),
+    "nested flag value": (None, ["--loss.kl-coef", "-1"], ["kl_coef must be a number"]),
     "task option type": (None, ["--task-options", "digits", "abc"], ["task_options", "digits"]),
     "task option name": (None, ["--task-options", "colour", "red"], ["task_options", "colour"]),
     "task": (None, ["--task", "chess"], ["task must be one of", "'chess'"]),
@@ -100,11 +102,13 @@ def test_flags_and_yaml_get_the_same_checks(tmp_path):
     path.write_text("loss: {alpha: 2}\n")
     with pytest.raises(UsageError, match="loss.alpha must be a number in"):
         parse(TrainConfig, ["--config", str(path)], prog="t")
-    with pytest.raises(SystemExit) as info:  # tyro reports flag errors itself (exit 2)
+    with pytest.raises(UsageError, match="alpha must be a number in"):
         parse(TrainConfig, ["--loss.alpha", "2"], prog="t")
-    assert info.value.code == 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="rollouts_per_prompt >= 2"):
+        parse(TrainConfig, ["--algorithm", "blend", "--rollouts-per-prompt", "1"], prog="t")
+    with pytest.raises(SystemExit) as info:  # tyro reports unknown flags and invalid choices itself (exit 2)
         parse(TrainConfig, ["--algorithm", "gpro"], prog="t")
+    assert info.value.code == 2
 
 
 TINY = ["--model", "tiny-random", "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--micro-batch-size",
