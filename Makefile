@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # SDPO on SmolLM2-135M-Instruct (packaged GGUF, converted once to ~/.cache/sdpo_fast), one-digit
-# arithmetic: held-out accuracy before and after, metrics and plot in runs/demo.
+# arithmetic: held-out accuracy before and after, metrics and plot in runs/demo (started anew each time).
 demo: $(STAMP)
-	$(PY) -m sdpo_fast.cli train --config configs/demo.yaml --output-dir runs/demo
+	$(PY) -m sdpo_fast.cli train --config configs/demo.yaml --output-dir runs/demo --overwrite
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests

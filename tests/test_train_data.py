@@ -39,3 +39,36 @@ def test_jsonl_tasks_and_errors(tmp_path):
         load_task("chess")
     with pytest.raises(ValueError, match="built-in tasks only"):
         load_task(f"math:{path}", options={"digits": "2"})
+
+
+def test_hugging_face_dataset_directory_and_parquet_with_column_mapping(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="needs the `datasets` package (pip install 'sdpo-fast[data]')")
+    from sdpo_fast.train.config import DataOptions
+
+    rows = {"question": [f"What is {i} + {i}?" for i in range(30)], "solution": [2 * i for i in range(30)],
+            "sys": ["Answer with a number." if i % 2 else "" for i in range(30)]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "ds"))
+    data = DataOptions(prompt_column="question", answer_column="solution", system_prompt_column="sys")
+    task = load_task(f"math:{tmp_path / 'ds'}", data=data)
+    problems = task.train + task.heldout
+    assert len(problems) == 30 and task.heldout
+    by_prompt = {p["prompt"]: p for p in problems}
+    assert by_prompt["What is 3 + 3?"]["answer"] == "6"
+    assert task.messages(by_prompt["What is 3 + 3?"]) == [
+        {"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "What is 3 + 3?"}]
+    assert task.messages(by_prompt["What is 2 + 2?"]) == [{"role": "user", "content": "What is 2 + 2?"}]
+    assert task.env.evaluate(by_prompt["What is 3 + 3?"], "\\boxed{6}").reward == 1.0
+
+    code = {"text": [f"Print the number {i}." for i in range(30)],
+            "cases": [[{"input": "", "output": f"{i}\n"}] for i in range(30)]}
+    datasets.Dataset.from_dict(code).to_parquet(str(tmp_path / "code.parquet"))
+    task = load_task(f"code:{tmp_path / 'code.parquet'}",
+                     data=DataOptions(prompt_column="text", tests_column="cases", system_prompt="Use Python."))
+    problem = (task.train + task.heldout)[0]
+    assert problem["tests"][0]["input"] == "" and task.messages(problem)[0] == {"role": "system", "content": "Use Python."}
+
+    with pytest.raises(ValueError, match=r"no column\(s\) \['prompt', 'answer'\].*--data.prompt-column"):
+        load_task(f"math:{tmp_path / 'ds'}")
+    with pytest.raises(ValueError, match="splits"):
+        load_task(f"math:{tmp_path / 'ds'}", data=DataOptions(prompt_column="question", answer_column="solution",
+                                                                split="test"))

@@ -72,7 +72,7 @@ def test_one_step_of_every_algorithm_and_teacher(tmp_path, algorithm, teacher):
 
 
 def test_sampled_token_sdpo_and_topk(tmp_path):
-    cfg = tiny_config(tmp_path, "--max-steps", "1", "--loss.no-full-logit-distillation", "--loss.alpha", "1",
+    cfg = tiny_config(tmp_path, "--max-steps", "1", "--algorithm", "sdpo_token", "--loss.alpha", "1",
                       "--teacher", "live")
     run_trainer(cfg)
     cfg = tiny_config(tmp_path / "topk", "--max-steps", "1", "--loss.topk", "5")
@@ -81,18 +81,26 @@ def test_sampled_token_sdpo_and_topk(tmp_path):
 
 
 def test_metrics_only_run_writes_no_checkpoint_and_no_model(tmp_path):
-    cfg = tiny_config(tmp_path, "--algorithm", "grpo", "--max-steps", "1", "--keep-checkpoints", "0",
-                      "--no-export")
+    cfg = tiny_config(tmp_path, "--algorithm", "grpo", "--max-steps", "2", "--keep-checkpoints", "0",
+                      "--no-export", "--optim.warmup-steps", "2")
     run_trainer(cfg)
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    # the logged lr is the one each step used: warm-up lr * (s + 1) / (warmup + 1) for the s-th update
+    assert [r["lr"] for r in records[1:]] == pytest.approx([1e-3 / 3, 2e-3 / 3])
+    assert [r["samples"] for r in records[1:]] == [4, 8]
+    for key in ("reward/std", "reward/min", "reward/max", "reward/zero_std_group_frac", "response/length_min",
+                "response/length_max", "env/errors", "time/elapsed_s"):
+        assert key in records[1], key
+    assert records[2]["time/elapsed_s"] > records[1]["time/elapsed_s"] > 0
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model").exists()
 
 
 @pytest.mark.parametrize("args,message", [
     (["--max-steps", "0"], "max_steps"),
     (["--optim.lr", "-1"], "optim.lr"),
-    (["--loss.alpha", "2"], "loss.alpha"),
-    (["--loss.no-full-logit-distillation", "--loss.alpha", "0.5"], "alpha=1"),
+    (["--loss.alpha", "2"], "alpha must be"),
+    (["--algorithm", "sdpo_token", "--loss.alpha", "0.5"], "alpha=1"),
     (["--algorithm", "ppo"], "algorithm"),
     (["--keep-checkpoints", "0", "--save-every", "2"], "keep_checkpoints"),
 ])
@@ -151,3 +159,50 @@ def test_two_rank_fsdp_run_and_exact_resume(tmp_path):
     assert records[-1]["loss"] == pytest.approx(losses[2], rel=1e-6, abs=1e-9)
     assert json.loads(json.dumps(records[-1]))["reward/mean"] == \
         [r for r in read_metrics(full / "metrics.jsonl") if r["step"] == 2][0]["reward/mean"]
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k3"])
+def test_kl_to_the_initial_model_matches_a_direct_formula_and_moves_the_gradient(tmp_path, kl_type):
+    import dataclasses
+
+    import torch
+
+    from sdpo_fast.train.trainer import Trainer
+
+    coef, temperature = 0.5, 0.7
+    cfg = tiny_config(tmp_path, "--algorithm", "grpo", "--loss.kl-coef", str(coef), "--loss.kl-type", kl_type,
+                      "--sampling.temperature", str(temperature))
+    trainer = Trainer(cfg)
+    trainer.evaluator.close()
+    lm, ref = trainer.policy.lm, trainer.ref_policy.lm
+    torch.manual_seed(0)
+    with torch.no_grad():  # the policy has moved away from its initial weights (the reference)
+        for p in lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    messages = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "What is 17 - 4?"}]]
+    prompts = [trainer._prompt_ids(m) for m in messages]
+    responses = [[311, 12, 913], [14, 1500], [16, 17, 418, 19], [2000]]
+    rewards = [1.0, 0.0, 0.5, 0.2]
+
+    def step(kl_coef: float):
+        trainer.loss_cfg = dataclasses.replace(cfg.loss, kl_coef=kl_coef)
+        lm.zero_grad(set_to_none=True)
+        metrics, _ = trainer._score_and_backward(messages, prompts, responses, rewards, [""] * 4)
+        return metrics, [p.grad.clone() for p in lm.parameters()]
+
+    def token_logp(model, i):
+        seq, start = prompts[i // 2] + responses[i], len(prompts[i // 2])
+        logits = model(torch.tensor([seq])).logits[0].double() / temperature
+        return logits.log_softmax(-1)[start - 1:-1].gather(-1, torch.tensor(responses[i])[:, None])[:, 0]
+
+    with_kl, g_kl = step(coef)
+    _, g_plain = step(0.0)
+    lm.zero_grad(set_to_none=True)
+    d = torch.cat([token_logp(ref, i).detach() - token_logp(lm, i) for i in range(4)])  # log p_ref - log p
+    kl = -d if kl_type == "k1" else d.exp() - d - 1
+    assert with_kl["loss/kl/mean"] == pytest.approx(float(kl.mean().detach()), rel=1e-4, abs=1e-6)
+    assert float(kl.mean().detach()) != pytest.approx(0.0, abs=1e-4)
+    (coef * kl.mean()).float().backward()  # token-mean: the KL term's share of the loss
+    for a, b, p in zip(g_kl, g_plain, lm.parameters()):
+        torch.testing.assert_close(a - b, p.grad, rtol=1e-3, atol=1e-6)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(g_kl, g_plain))  # the penalty changes the update

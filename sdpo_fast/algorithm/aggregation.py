@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+from sdpo_fast.algorithm.config import AGG_MODES  # noqa: F401  (one list of modes, torch-free)
 
 
 @dataclass(frozen=True)

@@ -20,19 +20,17 @@ plus an optional KL-to-reference term, aggregated by an `Aggregator` built for t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import torch
 
-from sdpo_fast.algorithm.aggregation import AGG_MODES, Aggregator
+from sdpo_fast.algorithm.aggregation import Aggregator
+from sdpo_fast.algorithm.config import KL_TYPES, LOSS_MODES, LossConfig  # noqa: F401  (re-exported)
 from sdpo_fast.algorithm.groups import group_index
 from sdpo_fast.algorithm.metrics import Metrics
 from sdpo_fast.distill import DistillOutput
 
-LOSS_MODES = ("sdpo", "sdpo_token", "grpo", "blend")
-KL_TYPES = ("k1", "k2", "k3")
 LOG_RATIO_CLAMP = 20.0
 
 
@@ -125,76 +123,6 @@ def blend_advantages(
     """lam * A_GRPO + (1 - lam) * A_SDPO (broadcast), clipped to [-clip, clip] when `clip` is set."""
     adv = lam * grpo.detach() + (1.0 - lam) * sdpo.detach()
     return adv.clamp(-clip, clip) if clip is not None else adv
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """One training objective; defaults are the reference's SDPO settings.
-
-    mode: one of LOSS_MODES. alpha, topk, add_tail: the divergence of `linear_distill` (see
-    `distill_kwargs`); "sdpo_token" requires alpha = 1 (its objective is the reverse KL's sampled
-    estimator). is_clip: cap of the SDPO importance weight (None: no weighting). eps_low, eps_high,
-    dual_clip: the clipped ratio of "grpo" and "blend". kl_coef, kl_type: optional KL to a reference
-    policy. blend_lambda: the "blend" advantage's mix. adv_clip: clamp of the "blend" advantage, of the
-    "sdpo_token" advantage, or of the per-token advantages of "sdpo" (needs alpha = 1 and topk: see
-    `linear_distill`). agg_mode: one of AGG_MODES.
-    """
-
-    mode: str = "sdpo"
-    alpha: float = 0.5
-    topk: int | None = None
-    add_tail: bool = True
-    is_clip: float | None = 2.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
-    kl_coef: float = 0.0
-    kl_type: str = "k3"
-    blend_lambda: float = 0.9
-    adv_clip: float | None = None
-    agg_mode: str = "token-mean"
-
-    def __post_init__(self) -> None:
-        _choice("mode", self.mode, LOSS_MODES)
-        _choice("kl_type", self.kl_type, KL_TYPES)
-        _choice("agg_mode", self.agg_mode, AGG_MODES)
-        _number("alpha", self.alpha, 0.0, 1.0)
-        _number("blend_lambda", self.blend_lambda, 0.0, 1.0)
-        _number("eps_low", self.eps_low, 0.0, 1.0)
-        _number("eps_high", self.eps_high, 0.0, math.inf)
-        _number("kl_coef", self.kl_coef, 0.0, math.inf)
-        for name in ("is_clip", "adv_clip"):
-            if getattr(self, name) is not None:
-                _number(name, getattr(self, name), 0.0, math.inf, open_low=True)
-        if self.dual_clip is not None:
-            _number("dual_clip", self.dual_clip, 1.0, math.inf, open_low=True)
-        if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1):
-            raise ValueError(f"topk must be None or a positive int, got {self.topk!r}")
-        if self.mode == "sdpo_token" and self.alpha != 1.0:
-            raise ValueError(f"mode 'sdpo_token' is the reverse-KL (alpha=1) objective; got alpha={self.alpha}")
-        if self.mode == "sdpo" and self.adv_clip is not None and (self.alpha != 1.0 or self.topk is None):
-            raise ValueError(f"adv_clip in mode 'sdpo' clips the reverse KL's advantages on the student's top-k: "
-                             f"it needs alpha=1 and topk set, got alpha={self.alpha}, topk={self.topk}")
-
-    @property
-    def uses_teacher(self) -> bool:
-        """Whether the mode needs teacher scores (every mode but "grpo")."""
-        return self.mode != "grpo"
-
-    def distill_kwargs(self) -> dict:
-        """Keyword arguments for `linear_distill` (add the sampling temperature)."""
-        return {"alpha": self.alpha, "topk": self.topk, "add_tail": self.add_tail,
-                "adv_clip": self.adv_clip if self.mode == "sdpo" else None}
-
-    def loss_mask(self, response_mask: torch.Tensor, sd_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The tokens the loss averages over: response tokens, and for the pure SDPO modes only rows
-        with a teacher (as the reference does). Build the `Aggregator` from this mask."""
-        mask = response_mask.bool()
-        if self.mode in ("sdpo", "sdpo_token") and sd_mask is not None:
-            if sd_mask.shape != mask.shape[:1]:
-                raise ValueError(f"sd_mask must be [B={mask.shape[0]}], got {tuple(sd_mask.shape)}")
-            mask = mask & sd_mask.bool().unsqueeze(-1)
-        return mask
 
 
 @dataclass
@@ -299,16 +227,3 @@ def _check_batch(cfg: LossConfig, batch: TokenBatch) -> None:
         t = getattr(batch, name)
         if t is not None and t.shape != shape[:1]:
             raise ValueError(f"{name} must be [B={shape[0]}], got {tuple(t.shape)}")
-
-
-def _choice(name: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-
-
-def _number(name: str, value, low: float, high: float, open_low: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    ok = ok and (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        bound = "(" if open_low else "["
-        raise ValueError(f"{name} must be a number in {bound}{low}, {high}], got {value!r}")

@@ -20,49 +20,19 @@ from typing import Any, Hashable, Sequence
 
 import torch
 
+from sdpo_fast.algorithm.config import (  # noqa: F401  (re-exported)
+    FEEDBACK_TEMPLATE,
+    REPROMPT_TEMPLATE,
+    SOLUTION_TEMPLATE,
+    RepromptConfig,
+)
 from sdpo_fast.algorithm.groups import group_index
-
-# The reference's templates, verbatim ({prompt}: the last user message; {solution} and {feedback}: the
-# two sections below, each empty when unused).
-REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
-SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}"
-FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
 
 logger = logging.getLogger(__name__)
 
 _THINKING = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
 
 Message = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class RepromptConfig:
-    """Switches of the teacher-context builder; defaults are the reference's effective settings."""
-
-    success_reward_threshold: float = 0.5
-    dont_reprompt_on_self_success: bool = True
-    remove_thinking_from_demonstration: bool = True
-    include_environment_feedback: bool = True
-    environment_feedback_only_without_solution: bool = True
-    max_reprompt_len: int = 10240
-    reprompt_template: str = REPROMPT_TEMPLATE
-    solution_template: str = SOLUTION_TEMPLATE
-    feedback_template: str = FEEDBACK_TEMPLATE
-    # Extra keyword arguments for `tokenizer.apply_chat_template`, e.g. {"enable_thinking": False}.
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_reprompt_len, bool) or not isinstance(self.max_reprompt_len, int) \
-                or self.max_reprompt_len < 1:
-            raise ValueError(f"max_reprompt_len must be a positive int, got {self.max_reprompt_len!r}")
-        for name, keys in (("reprompt_template", ("prompt", "solution", "feedback")),
-                           ("solution_template", ("successful_previous_attempt",)),
-                           ("feedback_template", ("feedback_raw",))):
-            template = getattr(self, name)
-            try:
-                template.format(**{k: "" for k in keys})
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(f"{name} may only use the fields {keys}: {exc!r}") from exc
 
 
 @dataclass
@@ -124,14 +94,14 @@ def select_demonstrations(
     rewards: Sequence[float],
     group_ids: Sequence[Hashable],
     success_reward_threshold: float = 0.5,
-    dont_reprompt_on_self_success: bool = True,
+    self_demonstration: bool = False,
 ) -> list[int | None]:
     """Index of each rollout's demonstration: the first successful rollout of its group, or None.
 
-    A rollout is successful when its reward >= `success_reward_threshold`. With
-    `dont_reprompt_on_self_success` a rollout is never its own demonstration: it gets the first
-    successful rollout of its group other than itself (so a lone success gets none). Without it, every
-    rollout of a group with a success gets the first one, which may be the rollout itself.
+    A rollout is successful when its reward >= `success_reward_threshold`. Without `self_demonstration`
+    (the default) a rollout is never its own demonstration: it gets the first successful rollout of its
+    group other than itself (so a lone success gets none). With it, every rollout of a group with a
+    success gets the first one, which may be the rollout itself.
     """
     if len(rewards) != len(group_ids):
         raise ValueError(f"rewards ({len(rewards)}) and group_ids ({len(group_ids)}) must have one entry per rollout")
@@ -142,7 +112,7 @@ def select_demonstrations(
             successes.setdefault(gid, []).append(i)
     demos: list[int | None] = []
     for i, gid in enumerate(groups):
-        candidates = [j for j in successes.get(gid, []) if not (dont_reprompt_on_self_success and j == i)]
+        candidates = [j for j in successes.get(gid, []) if self_demonstration or j != i]
         demos.append(candidates[0] if candidates else None)
     return demos
 
@@ -242,7 +212,7 @@ def build_teacher_contexts(
                          f"({len(header)} tokens) and one prompt token")
 
     demos = select_demonstrations(rewards, group_ids, config.success_reward_threshold,
-                                  config.dont_reprompt_on_self_success)
+                                  config.self_demonstration)
     needed = {d for d in demos if d is not None}
     if response_texts is None:
         texts = {d: tokenizer.decode(_token_list(response_ids[d]), skip_special_tokens=True) for d in needed}

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-TEACHER_MODES = ("live", "ema", "frozen", "trust_region")
+from sdpo_fast.algorithm.config import TEACHER_MODES
 
 
 class Teacher:

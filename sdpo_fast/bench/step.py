@@ -11,7 +11,9 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-from sdpo_fast.train.config import EvalOptions, SamplingOptions, TrainConfig
+from sdpo_fast.algorithm.config import LossConfig
+from sdpo_fast.rollout.sampling import SamplingConfig
+from sdpo_fast.train.config import EvalOptions, TrainConfig
 
 PHASES = ("time/generate_s", "time/evaluate_s", "time/score_s", "time/update_s", "time/weight_sync_s",
           "time/step_s")
@@ -21,10 +23,10 @@ def step_config(algorithm: str, *, model: str, task: str, prompts: int, rollouts
                 micro_batch_size: int, device: str, rollout: str, output_dir: Path,
                 task_options: dict[str, str] | None = None) -> TrainConfig:
     """A training config for benchmarking `algorithm` (no warm-up of the learning rate, no evaluation)."""
-    return TrainConfig(model=model, task=task, task_options=dict(task_options or {}), algorithm=algorithm,
+    return TrainConfig(model=model, task=task, task_options=dict(task_options or {}), loss=LossConfig(mode=algorithm),
                        device=device, rollout=rollout, prompts_per_step=prompts, rollouts_per_prompt=rollouts,
                        micro_batch_size=micro_batch_size, env_workers=1, output_dir=Path(output_dir),
-                       sampling=SamplingOptions(max_new_tokens=max_new_tokens),
+                       sampling=SamplingConfig(max_new_tokens=max_new_tokens),
                        eval=EvalOptions(problems=0))
 
 

@@ -1,7 +1,13 @@
-"""Rollout backends: Hugging Face generate (embedded default) and vLLM (colocated, GPU; optional extra)."""
+"""Rollout backends: Hugging Face generate (embedded default) and vLLM (colocated, GPU; optional extra).
 
-from sdpo_fast.rollout.hf import SamplingConfig, generate
-from sdpo_fast.rollout.types import Rollouts
-from sdpo_fast.rollout.vllm_backend import VLLMRollout, require_vllm
+Names are imported on first use, so configurations can import `SamplingConfig` without torch."""
 
-__all__ = ["Rollouts", "SamplingConfig", "VLLMRollout", "generate", "require_vllm"]
+from sdpo_fast.lazy import lazy_exports
+
+_EXPORTS = {
+    "sdpo_fast.rollout.sampling": ("SamplingConfig",),
+    "sdpo_fast.rollout.hf": ("generate",),
+    "sdpo_fast.rollout.types": ("Rollouts",),
+    "sdpo_fast.rollout.vllm_backend": ("VLLMRollout", "require_vllm"),
+}
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

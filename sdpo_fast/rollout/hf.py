@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import PreTrainedModel
 
+from sdpo_fast.rollout.sampling import SamplingConfig  # noqa: F401  (re-exported)
 from sdpo_fast.rollout.types import Rollouts
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How responses are sampled. temperature 0 means greedy decoding."""
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @torch.no_grad()

@@ -6,21 +6,39 @@ Layout under the checkpoint root:
 
 Every rank writes into a temporary directory; only when all ranks have finished does rank 0 rename it
 to its final name and then replace `latest` (both atomic renames). A crash at any point leaves the
-previous checkpoint complete and `latest` pointing at it.
+previous checkpoint complete and `latest` pointing at it. A failed write (a full disk, ...) removes the
+temporary directory and raises `CheckpointError` saying what failed, where, and which checkpoint is still
+the latest complete one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the message names the directory and the checkpoint that remains."""
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    """DCP warns on every save/load without a process group that it assumes one process: that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _rank() -> int:
@@ -30,6 +48,19 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _save_error(exc: BaseException, root: Path, final: Path) -> CheckpointError:
+    """One readable error for a failed save: DCP wraps each rank's exception, torch.save reports a full disk
+    as a RuntimeError of its zip writer."""
+    causes = [e for e, _ in exc.failures.values()] if isinstance(exc, CheckpointException) else [exc]
+    codes = [getattr(e, "errno", None) for e in causes]
+    full = errno.ENOSPC in codes or any("unexpected pos" in str(e) for e in causes)
+    reason = "the disk is full" if full else "; ".join(f"{type(e).__name__}: {e}" for e in causes)
+    latest = latest_checkpoint(root)
+    return CheckpointError(errno.ENOSPC if full else next((c for c in codes if c), errno.EIO),
+                           f"saving checkpoint {final.name} to {root} failed ({reason}); its partial files were "
+                           f"removed; the latest complete checkpoint is {latest if latest is not None else 'none'}")
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -48,8 +79,13 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], extras: dict[s
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash
     _barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(extras, tmp / f"extras-rank{_rank()}.pt")
+    try:
+        with _quiet_dcp():
+            dcp.save(state, checkpoint_id=str(tmp))
+        torch.save(extras, tmp / f"extras-rank{_rank()}.pt")
+    except (OSError, RuntimeError, CheckpointException) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(exc, root, final) from None
     _barrier()
     if _rank() == 0:
         _publish(root, tmp, final)
@@ -92,7 +128,8 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
-    dcp.load(state, checkpoint_id=str(path))
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=str(path))
     extras_file = path / f"extras-rank{_rank()}.pt"
     if not extras_file.exists():
         raise FileNotFoundError(f"{extras_file} missing: resume with the world size the checkpoint was saved with")

@@ -1,19 +1,85 @@
-"""Typed configuration of a training run: dataclasses parsed by tyro, optionally seeded from a YAML file.
+"""Typed configuration of a training run: one tree of dataclasses parsed by tyro, optionally seeded from YAML.
 
-Every field has a default (the embedded default run), a YAML file given with `--config` replaces
-defaults, and command-line flags override both. Values are checked when the dataclasses are built,
-so a bad value fails before any model is loaded.
+The tree embeds the algorithm layer's own settings (`LossConfig`, `RepromptConfig`) and the rollout's
+`SamplingConfig` as they are. Every field has a default, a YAML file given with `--config` replaces
+defaults, and command-line flags override both. Every value is checked when the dataclasses are built
+(types and `Literal` choices by `check_types`, ranges by each `__post_init__`), so YAML and flags get the
+same checks, and a bad value fails with a message naming the field before any model is loaded. Nothing
+here imports torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
+import tyro
+import typeguard
 import yaml
+
+from sdpo_fast.algorithm.config import TEACHER_MODES, LossConfig, RepromptConfig, TeacherMode
+from sdpo_fast.rollout.sampling import SamplingConfig
+
+# KEY VALUE pairs on the command line, also when a YAML file gives the option a default (tyro would
+# otherwise turn a non-empty dict default into fixed per-key flags). The pairs replace the whole dict.
+TaskOptions = Annotated[
+    dict[str, str],
+    tyro.constructors.PrimitiveConstructorSpec(
+        nargs="*", metavar="KEY VALUE ...",
+        instance_from_str=lambda args: _pairs(args),
+        is_instance=lambda value: isinstance(value, dict),
+        str_from_instance=lambda value: [str(s) for kv in value.items() for s in kv]),
+]
+
+
+def _pairs(args: list[str]) -> dict[str, str]:
+    if len(args) % 2:
+        raise ValueError(f"expected KEY VALUE pairs, got an odd number of words: {' '.join(args)}")
+    return dict(zip(args[::2], args[1::2]))
+
+
+def check_types(obj: Any, prefix: str = "") -> None:
+    """Raise a ValueError naming the field if a field of dataclass `obj` (recursively) does not match its
+    annotation: a `Literal` value outside its choices, a string where a number belongs, ..."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint, name = getattr(obj, f.name), hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_types(value, name + ".")
+            continue
+        bad_bool = isinstance(value, bool) and _numeric(hint)
+        try:
+            typeguard.check_type(value, hint)
+        except typeguard.TypeCheckError:
+            bad_bool = True
+        if bad_bool:
+            raise ValueError(f"{name} must be {describe(hint)}, got {value!r}")
+
+
+def _numeric(hint: Any) -> bool:
+    return hint in (int, float) or any(a in (int, float) for a in typing.get_args(hint))
+
+
+def describe(hint: Any) -> str:
+    """A type annotation in words ("one of 'a', 'b'", "an integer or null", ...)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else describe(a) for a in args)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path"}
+    if hint in names:
+        return names[hint]
+    if origin in (dict,):
+        return "a mapping"
+    if origin in (tuple, list):
+        return "a list"
+    return str(hint)
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -28,93 +94,28 @@ def _unit(name: str, value: float) -> None:
 
 
 @dataclass
-class SamplingOptions:
-    """How rollouts are sampled."""
-
-    max_new_tokens: int = 64
-    """Response-length cap in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature (also divides both logit streams in the loss)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-
-    def __post_init__(self) -> None:
-        _positive("sampling.max_new_tokens", self.max_new_tokens)
-        _positive("sampling.temperature", self.temperature)
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p!r}")
-
-
-@dataclass
 class OptimOptions:
     """AdamW with linear warm-up then constant learning rate."""
 
     lr: float = 1e-5
+    """Peak learning rate."""
     warmup_steps: int = 10
+    """Steps of linear warm-up from lr / (warmup_steps + 1) to lr."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's moment decay rates."""
 
     def __post_init__(self) -> None:
+        check_types(self, "optim.")
         _positive("optim.lr", self.lr)
         _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optim.grad_clip", self.grad_clip)
         for b in self.betas:
             _unit("optim.betas", b)
-
-
-@dataclass
-class LossOptions:
-    """The objective. algorithm=sdpo uses alpha/topk/is_clip; grpo the clip settings; blend both."""
-
-    full_logit_distillation: bool = True
-    """SDPO on full distributions (True) or the sampled-token form (False, needs alpha=1)."""
-    alpha: float = 0.5
-    """0: KL(teacher||student); 1: KL(student||teacher); else generalized JSD."""
-    topk: int | None = None
-    """None: full vocabulary (the fused op's strength); k: the student's top-k support (reference: 100)."""
-    add_tail: bool = True
-    is_clip: float | None = 2.0
-    """Truncation of the token-level importance weight min(p_trainer(y) / p_rollout(y), is_clip) that corrects
-    the mismatch between the rollout engine's and the trainer's log-probs (sdpo modes, --rollout vllm;
-    grpo/blend use the rollout log-probs in their clipped ratio instead). None: no correction."""
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
-    kl_coef: float = 0.0
-    """Coefficient of a KL to the initial policy (0: none, as the reference)."""
-    blend_lambda: float = 0.9
-    """A = lambda * A_GRPO + (1 - lambda) * A_SDPO for algorithm=blend."""
-    adv_clip: float | None = None
-    grpo_norm_by_std: bool = True
-    agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = \
-        "token-mean"
-
-    def __post_init__(self) -> None:
-        _unit("loss.alpha", self.alpha)
-        _unit("loss.blend_lambda", self.blend_lambda)
-        if not self.full_logit_distillation and self.alpha != 1.0:
-            raise ValueError("loss.full_logit_distillation=False (sampled-token SDPO) needs loss.alpha=1")
-        if self.topk is not None:
-            _positive("loss.topk", self.topk)
-
-
-@dataclass
-class RepromptOptions:
-    """What the self-teacher sees: demonstrations from successful siblings and environment feedback."""
-
-    success_reward_threshold: float = 0.5
-    dont_reprompt_on_self_success: bool = True
-    remove_thinking_from_demonstration: bool = True
-    include_environment_feedback: bool = True
-    environment_feedback_only_without_solution: bool = True
-    max_reprompt_len: int = 10240
-
-    def __post_init__(self) -> None:
-        _unit("reprompt.success_reward_threshold", self.success_reward_threshold)
-        _positive("reprompt.max_reprompt_len", self.max_reprompt_len)
 
 
 @dataclass
@@ -126,13 +127,15 @@ class VLLMOptions:
     max_model_len: int | None = None
     """Longest prompt + response in tokens (None: the model's maximum; smaller saves KV-cache memory)."""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Weights and activations of the engine."""
     enforce_eager: bool = False
     """Skip CUDA-graph capture (faster start, slower decoding)."""
     sleep: bool = True
     """Release vLLM's GPU memory (weights and KV cache) between generation and training."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+        check_types(self, "vllm.")
+        if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.max_model_len is not None:
             _positive("vllm.max_model_len", self.max_model_len)
@@ -143,14 +146,40 @@ class EvalOptions:
     """Held-out evaluation: greedy decoding on the task's held-out split, reward = all tests pass."""
 
     problems: int = 64
+    """Held-out problems evaluated (0: no evaluation)."""
     every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
     max_new_tokens: int | None = None
-    """None: the sampling cap."""
+    """Response cap of evaluation (None: the sampling cap)."""
 
     def __post_init__(self) -> None:
+        check_types(self, "eval.")
         _positive("eval.problems", self.problems, allow_zero=True)
         _positive("eval.every", self.every, allow_zero=True)
+        if self.max_new_tokens is not None:
+            _positive("eval.max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
+class DataOptions:
+    """Columns of a dataset given as --task math:PATH or code:PATH, where PATH is a Hugging Face `save_to_disk`
+    directory or .parquet / .json / .jsonl files (read with `datasets`)."""
+
+    prompt_column: str = "prompt"
+    """The column holding the problem statement."""
+    answer_column: str = "answer"
+    """math: the column holding the reference answer."""
+    tests_column: str = "tests"
+    """code: the column holding stdin/stdout tests, a list of {input, output}."""
+    system_prompt_column: str | None = None
+    """A column holding each problem's system prompt (None: none)."""
+    system_prompt: str | None = None
+    """One system prompt for every problem of any task (None: none)."""
+    split: str = "train"
+    """The split to read from a DatasetDict directory."""
+
+    def __post_init__(self) -> None:
+        check_types(self, "data.")
 
 
 @dataclass
@@ -160,22 +189,33 @@ class TrainConfig:
     model: str = "smollm2-135m"
     """'smollm2-135m' (packaged), 'tiny-random', or a local Hugging Face model directory."""
     task: str = "arithmetic"
-    """A built-in task ('arithmetic', 'string', 'code'), 'humaneval', 'code:FILE.jsonl' or 'math:FILE.jsonl'."""
-    task_options: dict[str, str] = field(default_factory=dict)
-    """Knobs of a built-in task generator as KEY VALUE pairs, e.g. `--task-options digits 3 feedback hint`
-    (feedback: format|hint|answer)."""
-    algorithm: Literal["sdpo", "grpo", "blend"] = "sdpo"
-    teacher: Literal["ema", "live", "frozen", "trust_region"] = "ema"
+    """A built-in task ('arithmetic', 'string', 'code'), 'humaneval', or 'math:PATH' / 'code:PATH' (a JSONL file,
+    or a dataset: see the data options)."""
+    task_options: TaskOptions = field(default_factory=dict)
+    """Knobs of a built-in task generator as KEY VALUE pairs, e.g. `--task-options digits 3 ops +- feedback hint`
+    (arithmetic: digits, digits_b, ops; string/code: ops, word_len; all: feedback format|hint|answer)."""
+    teacher: TeacherMode = "ema"
+    """The self-teacher: ema (moving average of the policy), live (the policy itself), frozen (the initial
+    policy), trust_region (a mix of initial and current logits)."""
     tau: float = 0.05
     """EMA rate (teacher=ema) or mixing coefficient (teacher=trust_region)."""
     max_steps: int = 30
+    """Optimizer steps of the run."""
     output_dir: Path = Path("runs/sdpo")
+    """Where config.yaml, metrics.jsonl, curves.png, checkpoints/ and model/ go."""
     resume: bool = False
-    """Continue from the latest checkpoint in output_dir/checkpoints."""
+    """Continue the run in output_dir from its latest checkpoint, with its saved config.yaml (flags given
+    with --resume override it)."""
+    overwrite: bool = False
+    """Start a new run in a non-empty output_dir, deleting the previous run's files there."""
     seed: int = 0
+    """Seeds sampling, data order and the tiny-random model."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available."""
     prompts_per_step: int = 8
+    """Problems per optimizer step."""
     rollouts_per_prompt: int = 4
+    """Responses sampled per problem (a group; grpo and blend need >= 2)."""
     micro_batch_size: int = 8
     """Rollouts per scoring micro-batch (gradients accumulate over the step's micro-batches)."""
     generation_batch_size: int = 64
@@ -196,17 +236,27 @@ class TrainConfig:
     mixed_precision: bool = False
     """bf16 parameters / fp32 reductions under FSDP2 (GPU)."""
     activation_checkpointing: bool = False
+    """Recompute activations in backward (less memory, more time)."""
     rollout: Literal["hf", "vllm"] = "hf"
     """Rollout backend: 'hf' (Hugging Face generate, any device) or 'vllm' (CUDA, `pip install 'sdpo-fast[gpu]'`;
     its log-probs correct the sampler/trainer mismatch, see docs/scaling.md)."""
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     optim: OptimOptions = field(default_factory=OptimOptions)
-    loss: LossOptions = field(default_factory=LossOptions)
-    reprompt: RepromptOptions = field(default_factory=RepromptOptions)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reprompt: RepromptConfig = field(default_factory=RepromptConfig)
     eval: EvalOptions = field(default_factory=EvalOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+
+    @property
+    def algorithm(self) -> str:
+        """The objective (`--algorithm`, stored as loss.mode)."""
+        return self.loss.mode
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, str):  # TrainConfig(output_dir="runs/x") from Python
+            self.output_dir = Path(self.output_dir)
+        check_types(self)
         for name in ("max_steps", "prompts_per_step", "rollouts_per_prompt", "micro_batch_size",
                      "generation_batch_size", "env_workers", "env_timeout_s"):
             _positive(name, getattr(self, name))
@@ -215,6 +265,47 @@ class TrainConfig:
         if self.save_every and not self.keep_checkpoints:
             raise ValueError(f"save_every={self.save_every} needs keep_checkpoints >= 1 (0 writes no checkpoint)")
         _unit("tau", self.tau)
+        if self.teacher not in TEACHER_MODES:  # also checked by check_types; kept for a direct message
+            raise ValueError(f"teacher must be one of {TEACHER_MODES}, got {self.teacher!r}")
+        if self.sampling.temperature <= 0:
+            raise ValueError(f"sampling.temperature must be > 0 for training (it divides the logits of the loss), "
+                             f"got {self.sampling.temperature!r}")
+        if self.loss.uses_group_advantage and self.rollouts_per_prompt < 2:
+            raise ValueError(f"--algorithm {self.loss.mode} normalises rewards within each prompt's rollouts: "
+                             f"it needs rollouts_per_prompt >= 2, got {self.rollouts_per_prompt} (every advantage "
+                             f"would be 0)")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: continue the run, or start it anew")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out accuracy of a model on a task (greedy decoding; correct = every test passes)."""
+
+    model: str = "smollm2-135m"
+    """'smollm2-135m', 'tiny-random', or a Hugging Face directory (e.g. a run's output_dir/model)."""
+    task: str = "arithmetic"
+    """As `sdpo-fast train --task`."""
+    task_options: TaskOptions = field(default_factory=dict)
+    """Knobs of a built-in task as KEY VALUE pairs, as `sdpo-fast train --task-options`."""
+    problems: int = 64
+    """Held-out problems evaluated."""
+    max_new_tokens: int = 64
+    """Response-length cap in tokens."""
+    seed: int = 0
+    """The task's seed (use the training run's to evaluate on its held-out split)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available."""
+    data: DataOptions = field(default_factory=DataOptions)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        _positive("problems", self.problems)
+        _positive("max_new_tokens", self.max_new_tokens)
+
+
+# YAML spellings of fields whose flag lives elsewhere in the tree: top-level `algorithm` is `loss.mode`.
+_YAML_ALIASES = {"algorithm": ("loss", "mode")}
 
 
 def load_yaml(cls: type, path: Path) -> Any:
@@ -222,28 +313,65 @@ def load_yaml(cls: type, path: Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
-    return from_dict(cls, data, prefix="")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"--config {path}:{where}: invalid YAML: {problem}") from None
+    try:
+        return from_dict(cls, data)
+    except ValueError as exc:
+        raise ValueError(f"--config {path}: {exc}") from None
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, recursing into nested dataclasses; unknown keys are errors."""
     if not isinstance(data, dict):
-        raise ValueError(f"config {prefix or 'file'} must be a mapping, got {type(data).__name__}")
+        raise ValueError(f"{prefix.rstrip('.') or 'the file'} must be a mapping, got {data!r}")
+    data = dict(data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for alias, (parent, name) in _YAML_ALIASES.items():
+        if not prefix and alias in data and parent in fields:
+            sub = dict(data.get(parent) or {})
+            if name in sub:
+                raise ValueError(f"give {alias} or {parent}.{name}, not both")
+            sub[name] = data.pop(alias)
+            data[parent] = sub
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    defaults = cls()
     for name, value in data.items():
-        current = getattr(defaults, name)
-        if dataclasses.is_dataclass(current):
-            kwargs[name] = from_dict(type(current), value, prefix=f"{prefix}{name}.")
-        elif isinstance(current, Path):
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, prefix=f"{prefix}{name}.")
+        elif hint is Path and isinstance(value, str):
             kwargs[name] = Path(value)
-        elif isinstance(current, tuple):
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
             kwargs[name] = tuple(value)
+        elif name == "task_options" and isinstance(value, dict):
+            kwargs[name] = {str(k): str(v) for k, v in value.items()}
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, AttributeError) as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(prefix) else f"{prefix}{message}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-ready data (the inverse of `from_dict`)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}

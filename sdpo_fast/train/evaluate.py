@@ -7,6 +7,7 @@ import torch
 from sdpo_fast.envs import BatchEvaluator
 from sdpo_fast.rollout import SamplingConfig, generate
 from sdpo_fast.train.data import Task
+from sdpo_fast.train.policy import quiet_cache_warning
 
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
 
@@ -32,7 +33,8 @@ def heldout_correct(model, tokenizer, task: Task, problems: list[dict], evaluato
     if not problems:
         return 0
     prompts = [prompt_ids(tokenizer, task.messages(p)) for p in problems]
-    out = generate(model, prompts, 1, SamplingConfig(max_new_tokens, temperature=0.0), eos_token_ids=eos_ids(tokenizer),
-                   pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+    with quiet_cache_warning():
+        out = generate(model, prompts, 1, SamplingConfig(max_new_tokens, temperature=0.0),
+                       eos_token_ids=eos_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
     texts = tokenizer.batch_decode(out.responses, skip_special_tokens=True)
     return sum(e.reward == 1.0 for e in evaluator.evaluate(problems, texts))

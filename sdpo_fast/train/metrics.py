@@ -1,4 +1,5 @@
-"""Per-step metrics: a JSONL file (always), TensorBoard (when installed), and a PNG plot of the curves."""
+"""Per-step metrics: a JSONL file (always), TensorBoard (when installed: `pip install 'sdpo-fast[tensorboard]'`),
+and a PNG plot of the curves."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ from sdpo_fast.files import save_figure, write_atomically
 
 log = logging.getLogger(__name__)
 
-# Curves the end-of-run plot shows first (when present), one panel each, in this order.
+# Curves the end-of-run plot shows (when present), one panel each, in this order.
 PLOT_KEYS = (
-    "reward/mean", "eval/accuracy", "loss", "loss/divergence/mean", "loss/sdpo_advantage/mean",
-    "loss/advantage/mean", "loss/entropy/mean", "response/length_mean", "response/truncated_frac",
-    "throughput/tokens_per_s", "time/step_s",
+    "reward/mean", "reward/success_frac", "eval/accuracy", "loss", "loss/divergence/mean",
+    "loss/sdpo_advantage/mean", "loss/advantage/mean", "loss/kl/mean", "loss/entropy/mean", "grad_norm", "lr",
+    "loss/clip_high_frac/mean", "loss/clip_low_frac/mean", "loss/is_clip_frac/mean", "reward/zero_std_group_frac",
+    "response/length_mean", "response/truncated_frac", "throughput/tokens_per_s", "time/step_s",
 )
+# Per-step series are drawn as raw points under their exponential moving average, except these (not noisy).
+SMOOTHING = 0.6
+UNSMOOTHED = ("lr", "eval/accuracy")
 
 
 class MetricsWriter:
@@ -64,31 +69,56 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_metrics(path: Path, out: Path, keys: tuple[str, ...] = PLOT_KEYS) -> Path | None:
-    """One panel per metric of `keys` found in the JSONL file; returns the PNG path (None if nothing to plot)."""
+def plot_metrics(path: Path, out: Path, keys: tuple[str, ...] = PLOT_KEYS, title: str | None = None) -> Path | None:
+    """One panel per metric of `keys` found in the JSONL file, under `title`: raw points and, from 5 points on,
+    their exponential moving average; integer step ticks, plain numbers (no offset). Returns the PNG path (None
+    if nothing to plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     records = read_metrics(path)
-    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
+    present = [k for k in keys if any(_number(r.get(k)) for r in records)]
     if not present:
         return None
-    cols = min(3, len(present))
+    cols = min(4, len(present))
     rows = math.ceil(len(present) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows + (0.4 if title else 0)), squeeze=False)
     for ax, key in zip(axes.flat, present):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3)
+        steps, values = zip(*[(r["step"], r[key]) for r in records if _number(r.get(key))])
+        if len(values) >= 5 and key not in UNSMOOTHED:
+            ax.plot(steps, values, "o", markersize=2.5, alpha=0.35, color="tab:blue")
+            ax.plot(steps, smooth(values), color="tab:blue", linewidth=1.5)
+        else:
+            ax.plot(steps, values, "o-", markersize=3, color="tab:blue")
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        formatter = ScalarFormatter(useOffset=False)
+        formatter.set_scientific(key == "lr")
+        ax.yaxis.set_major_formatter(formatter)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return save_figure(fig, out)
+
+
+def smooth(values, weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average (the first value starts it), for the trend line over noisy points."""
+    out, ema = [], None
+    for v in values:
+        ema = v if ema is None else weight * ema + (1 - weight) * v
+        out.append(ema)
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _plain(value: Any) -> Any:
@@ -102,6 +132,6 @@ def _tensorboard(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log.info("tensorboard not installed: metrics go to JSONL only")
+        log.info("tensorboard not installed (pip install 'sdpo-fast[tensorboard]'): metrics go to JSONL only")
         return None
     return SummaryWriter(str(log_dir))

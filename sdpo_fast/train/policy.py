@@ -8,6 +8,8 @@ doing everything that touches those weights — generation, hidden states, `line
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -38,6 +40,15 @@ class TeacherBatch:
     weight: torch.Tensor | None
 
 
+@contextlib.contextmanager
+def quiet_cache_warning():
+    """transformers 5.x warns on every forward that receives `past_key_values` (its `generate` and our prefix-KV
+    scoring both pass it) that the argument is deprecated: not actionable for users, so silenced around our calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+        yield
+
+
 def pad_rows(rows: Sequence[torch.Tensor], length: int) -> torch.Tensor:
     """Stack [L_i, H] tensors into [B, length, H], zero-padded at the end."""
     out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
@@ -63,8 +74,9 @@ class Policy(nn.Module):
     def hidden(self, sequences, starts, prefix_kv: PrefixKV | None = None,
                record: PrefixKV | None = None) -> list[torch.Tensor]:
         """Response hidden states of `sequences` (see `sdpo_fast.response_hidden_states`)."""
-        return response_hidden_states(self.lm, sequences, starts, share_prefix=self.share_prefix,
-                                      prefix_kv=prefix_kv, record_prefix_kv=record)
+        with quiet_cache_warning():
+            return response_hidden_states(self.lm, sequences, starts, share_prefix=self.share_prefix,
+                                          prefix_kv=prefix_kv, record_prefix_kv=record)
 
     def generate(self, **kwargs) -> torch.Tensor:
         return self.lm.generate(**kwargs)

@@ -14,12 +14,13 @@ of the mismatch between sampler and trainer (see docs/scaling.md).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import os
 import random
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -36,35 +37,25 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from tqdm import tqdm
 
-from sdpo_fast.algorithm import Aggregator, LossConfig, RepromptConfig, Teacher, TokenBatch, build_teacher_contexts
+from sdpo_fast.algorithm import Aggregator, Teacher, TokenBatch, build_teacher_contexts
 from sdpo_fast.algorithm import compute_loss, grpo_advantages
 from sdpo_fast.algorithm.metrics import Metrics
 from sdpo_fast.envs import BatchEvaluator
-from sdpo_fast.files import plain, write_atomically
-from sdpo_fast.models import load_model, load_tokenizer
-from sdpo_fast.rollout import Rollouts, SamplingConfig, VLLMRollout, generate, require_vllm
+from sdpo_fast.files import write_atomically
+from sdpo_fast.models import check_model, load_model, load_tokenizer
+from sdpo_fast.rollout import Rollouts, VLLMRollout, generate, require_vllm
 from sdpo_fast.train import checkpoint
-from sdpo_fast.train.config import TrainConfig
-from sdpo_fast.train.data import Task, load_task
+from sdpo_fast.train.checks import RUN_FILES, check_output_dir
+from sdpo_fast.train.config import TrainConfig, from_dict, to_dict
+from sdpo_fast.train.data import Task, check_task, load_task
 from sdpo_fast.train.evaluate import eos_ids, heldout_correct, prompt_ids
 from sdpo_fast.train.metrics import MetricsWriter, plot_metrics
 from sdpo_fast.train.parallel import Runtime, full_tensor, full_weights, init_runtime, shard_model
-from sdpo_fast.train.policy import Policy, TeacherBatch
+from sdpo_fast.train.policy import Policy, TeacherBatch, quiet_cache_warning
 from sdpo_fast.train.telemetry import GPUTelemetry
 
 log = logging.getLogger(__name__)
 IGNORE = -100
-
-
-def loss_config(cfg: TrainConfig) -> LossConfig:
-    """The algorithm layer's LossConfig for a training config."""
-    mode = {"grpo": "grpo", "blend": "blend"}.get(cfg.algorithm)
-    if mode is None:
-        mode = "sdpo" if cfg.loss.full_logit_distillation else "sdpo_token"
-    lo = cfg.loss
-    return LossConfig(mode=mode, alpha=lo.alpha, topk=lo.topk, add_tail=lo.add_tail, is_clip=lo.is_clip,
-                      eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip,
-                      blend_lambda=lo.blend_lambda, adv_clip=lo.adv_clip, agg_mode=lo.agg_mode)
 
 
 class Trainer:
@@ -72,6 +63,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, task: Task | None = None):
         """`task`: the problems and environment to use instead of loading `cfg.task`."""
+        check_model(cfg.model)  # before anything loads (the output directory is checked by `fit`)
+        if task is None:
+            check_task(cfg.task, cfg.task_options, cfg.data)
         self.cfg = cfg
         self.rt: Runtime = init_runtime(cfg.device)
         if cfg.rollout == "vllm":
@@ -82,20 +76,27 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         _seed_everything(cfg.seed + self.rt.rank)
-        self.loss_cfg = loss_config(cfg)
+        self.loss_cfg = cfg.loss
         self.tokenizer = load_tokenizer(cfg.model)
         self.task: Task = task or load_task(cfg.task, seed=cfg.seed, heldout_size=max(cfg.eval.problems, 1),
-                                            options=cfg.task_options)
-        self.sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p)
-        self.reprompt = RepromptConfig(**asdict(cfg.reprompt))
+                                            options=cfg.task_options, data=cfg.data)
+        self.sampling = cfg.sampling
+        self.reprompt = cfg.reprompt
         self.eos = eos_ids(self.tokenizer)
 
         lm = load_model(cfg.model, seed=cfg.seed).to(self.rt.device)
-        teacher_lm = None
+        teacher_lm = ref_lm = None
         if self.loss_cfg.uses_teacher and cfg.teacher != "live":
             teacher_lm = copy.deepcopy(lm)  # before sharding, so both shard alike
+        # KL reference: the frozen initial model; the frozen and trust-region teachers already hold it
+        shares_reference = teacher_lm is not None and cfg.teacher in ("frozen", "trust_region")
+        if self.loss_cfg.kl_coef > 0 and not shares_reference:
+            ref_lm = copy.deepcopy(lm).requires_grad_(False)
         self.policy = self._wrap(lm, reuse_kv=not cfg.activation_checkpointing)
         self.teacher_policy = self._wrap(teacher_lm, reuse_kv=False) if teacher_lm is not None else None
+        self.ref_policy: Policy | None = None
+        if self.loss_cfg.kl_coef > 0:
+            self.ref_policy = self.teacher_policy if shares_reference else self._wrap(ref_lm, reuse_kv=False)
         self.teacher = (Teacher(cfg.teacher, self.policy.lm, tau=cfg.tau,
                                 model=self.teacher_policy.lm if self.teacher_policy else None)
                         if self.loss_cfg.uses_teacher else None)
@@ -116,6 +117,8 @@ class Trainer:
             self._sync_rollout_weights()
             self.vllm.sleep()  # keeps a CPU copy: evaluation and the first step's scoring need the GPU memory
         self.step = 0
+        self.started = time.perf_counter()
+        self.elapsed_before = 0.0  # training time of the run before a resume
 
     def _wrap(self, lm, reuse_kv: bool) -> Policy:
         policy = Policy(lm, share_prefix=self.cfg.share_prefix, reuse_prefix_kv=reuse_kv)
@@ -138,11 +141,13 @@ class Trainer:
 
     def _fit(self) -> dict:
         cfg = self.cfg
+        self.started = time.perf_counter()
+        if self.rt.is_main:
+            check_output_dir(cfg)
         if cfg.resume:
             self._resume()
-        elif self.rt.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.out / "config.yaml", yaml.safe_dump(plain(asdict(cfg)), sort_keys=False))
+        if self.rt.is_main:
+            self._record_config()
         self._barrier()
         writer = MetricsWriter(self.out / "metrics.jsonl", tensorboard_dir=self.out / "tensorboard",
                                resume_step=self.step if cfg.resume else None) if self.rt.is_main else None
@@ -151,29 +156,52 @@ class Trainer:
             summary["eval/accuracy_before"] = acc = self.evaluate()
             if writer:
                 writer.log(0, {"eval/accuracy": acc})
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algorithm} on {cfg.task}",
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algorithm} on {self.task.name}",
                    disable=not self.rt.is_main, unit="step", dynamic_ncols=True)
-        while self.step < cfg.max_steps:
-            self.step += 1
-            metrics = self.train_step()
-            last = self.step == cfg.max_steps
-            if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
-                metrics["eval/accuracy"] = self.evaluate()
-            if writer:
-                writer.log(self.step, metrics)
-            if cfg.keep_checkpoints and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
-                self.save()
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics['loss']:.3f}",
-                            **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
-            bar.update(1)
-            summary.update(metrics)
-        bar.close()
+        try:
+            while self.step < cfg.max_steps:
+                self.step += 1
+                metrics = self.train_step()
+                last = self.step == cfg.max_steps
+                if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
+                    metrics["eval/accuracy"] = self.evaluate()
+                if writer:
+                    writer.log(self.step, metrics)
+                if cfg.keep_checkpoints and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
+                    self.save()
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", loss=f"{metrics['loss']:.3f}",
+                                **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
+                bar.update(1)
+                summary.update(metrics)
+        finally:  # also on Ctrl-C or an error: the bar's last line ends before any message
+            bar.close()
         if cfg.export:
             self.export()
         if writer:
             writer.close()
-            plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
+            plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png",
+                         title=f"{self.out.name}: {cfg.algorithm} on {self.task.name}, {cfg.model}")
         return summary
+
+    def _record_config(self) -> None:
+        """Write output_dir/config.yaml (what `--resume` restores). A new run with --overwrite first deletes the
+        previous run's files; a resumed run whose settings changed appends the changes, with the step they
+        apply from, to config_changes.jsonl."""
+        cfg, saved = self.cfg, self.out / "config.yaml"
+        if cfg.overwrite and not cfg.resume:
+            for name in RUN_FILES:
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        current = to_dict(dataclasses.replace(cfg, resume=False, overwrite=False))
+        if cfg.resume and saved.is_file():
+            before = _flatten(to_dict(from_dict(TrainConfig, yaml.safe_load(saved.read_text()) or {})))
+            changed = {k: [before.get(k), v] for k, v in _flatten(current).items() if before.get(k) != v}
+            if changed:
+                log.info("resuming with changed settings: %s", changed)
+                with open(self.out / "config_changes.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step, "changed": changed}) + "\n")
+        write_atomically(saved, yaml.safe_dump(current, sort_keys=False))
 
     # ----------------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -197,6 +225,7 @@ class Trainer:
         loss_metrics, loss_value = self._score_and_backward(messages, prompts, rollouts.responses, rewards,
                                                             [e.feedback for e in evals], rollouts.logprobs)
         t_score = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses (the scheduler then moves on)
         grad_norm = self._optimizer_step()
         t_update = time.perf_counter()
         self._sync_rollout_weights()
@@ -204,18 +233,17 @@ class Trainer:
 
         lengths = [len(r) for r in rollouts.responses]
         tokens = sum(lengths) + sum(len(prompts[i // G]) for i in range(len(lengths)))
-        local = {
-            "reward/mean": float(np.mean(rewards)),
-            "reward/success_frac": float(np.mean([r >= cfg.reprompt.success_reward_threshold for r in rewards])),
-            "response/length_mean": float(np.mean(lengths)),
-            "response/truncated_frac": float(np.mean(rollouts.truncated)),
-            "loss": loss_value,
-            **loss_metrics,
-        }
+        local = {"loss": loss_value, **loss_metrics}
         metrics = self._mean_over_ranks(local)
+        metrics.update(rollout_metrics(self._concat_over_ranks(rewards), self._concat_over_ranks(lengths),
+                                       self._concat_over_ranks(list(rollouts.truncated)),
+                                       self._concat_over_ranks(["error" in e.details for e in evals]), G,
+                                       cfg.reprompt.success_reward_threshold))
         metrics.update({
             "grad_norm": float(grad_norm),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
+            "samples": self.step * cfg.prompts_per_step * G,
+            "time/elapsed_s": self.elapsed_before + time.perf_counter() - self.started,
             "throughput/tokens_per_s": self._sum_over_ranks(tokens) / (t_end - t0),
             "time/generate_s": t_gen - t0,
             "time/evaluate_s": t_env - t_gen,
@@ -257,8 +285,9 @@ class Trainer:
             rollouts = self.vllm.generate(prompts, G, self.sampling, eos_token_ids=self.eos)
             self.vllm.sleep(discard_weights=True)  # `_sync_rollout_weights` reloads them after the update
             return rollouts
-        rollouts = generate(self.policy, prompts, G, self.sampling, eos_token_ids=self.eos,
-                            pad_token_id=self.tokenizer.pad_token_id, batch_size=self.cfg.generation_batch_size)
+        with quiet_cache_warning():
+            rollouts = generate(self.policy, prompts, G, self.sampling, eos_token_ids=self.eos,
+                                pad_token_id=self.tokenizer.pad_token_id, batch_size=self.cfg.generation_batch_size)
         _reshard(self.policy)
         return rollouts
 
@@ -315,7 +344,8 @@ class Trainer:
             out = self.policy(seqs, starts, op_targets[rows], teacher, distill)
             dev = self.rt.device
             common = dict(advantages=advantages[rows].to(dev) if advantages is not None else None,
-                          old_logp=old_logp[rows].to(dev) if old_logp is not None else None)
+                          old_logp=old_logp[rows].to(dev) if old_logp is not None else None,
+                          ref_logp=self._reference_logp(seqs, starts, op_targets[rows], distill))
             if teacher is None:
                 batch = TokenBatch(mask=mask[rows].to(dev), student_logp=out.logp, entropy=out.entropy, **common)
             else:
@@ -327,7 +357,17 @@ class Trainer:
             total += float(loss.detach())
         if self.teacher_policy is not None:
             _reshard(self.teacher_policy)
+        if self.ref_policy is not None and self.ref_policy is not self.teacher_policy:
+            _reshard(self.ref_policy)
         return {**extra, **metrics.summary()}, total
+
+    @torch.no_grad()
+    def _reference_logp(self, seqs, starts, targets: torch.Tensor, distill: dict) -> torch.Tensor | None:
+        """log p_ref(y_t) of the sampled tokens under the frozen initial model (at the sampling temperature, as
+        the policy's), for the KL penalty; None without one."""
+        if self.ref_policy is None:
+            return None
+        return self.ref_policy(seqs, starts, targets, None, {"temperature": distill["temperature"]}).logp
 
     def _teacher_head(self) -> torch.Tensor | None:
         """The teacher's LM head for this step (gathered once when sharded)."""
@@ -373,7 +413,8 @@ class Trainer:
 
     def save(self) -> Path:
         extras = {"step": self.step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                  "numpy_rng": np.random.get_state()}
+                  "numpy_rng": np.random.get_state(),
+                  "elapsed_s": self.elapsed_before + time.perf_counter() - self.started}
         return checkpoint.save_checkpoint(self.ckpt_dir, self.step, self._state(), extras,
                                           keep=self.cfg.keep_checkpoints)
 
@@ -392,6 +433,8 @@ class Trainer:
         random.setstate(extras["python_rng"])
         np.random.set_state(extras["numpy_rng"])
         self.step = extras["step"]
+        self.elapsed_before = extras.get("elapsed_s", 0.0)
+        self.started = time.perf_counter()
         self._sync_rollout_weights()
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -424,6 +467,14 @@ class Trainer:
         dist.all_reduce(t)
         return float(t)
 
+    def _concat_over_ranks(self, values: list) -> list:
+        """Every rank's `values`, concatenated in rank order (groups stay whole: each rank has its own)."""
+        if self.rt.world_size == 1:
+            return list(values)
+        parts: list = [None] * self.rt.world_size
+        dist.all_gather_object(parts, list(values))
+        return [v for part in parts for v in part]
+
     def _gather_over_ranks(self, metrics: dict) -> dict:
         """The union of every rank's `metrics` (keys distinct per rank, e.g. GPU telemetry)."""
         if self.rt.world_size == 1:
@@ -447,6 +498,37 @@ def _reshard(policy: Policy) -> None:
     behind for the EMA update and the checkpoint."""
     if isinstance(policy, FSDPModule):
         policy.reshard()
+
+
+def rollout_metrics(rewards: list[float], lengths: list[int], truncated: list[bool], errors: list[bool], group: int,
+                    success_threshold: float) -> dict:
+    """The step's reward and response statistics over all rollouts (consecutive `group` rollouts share a prompt):
+    reward mean/std/min/max, success fraction, fraction of groups whose rewards are all equal (no GRPO signal),
+    response length mean/min/max, truncated fraction, and how many evaluations the environment failed."""
+    r = np.asarray(rewards, dtype=np.float64)
+    n = np.asarray(lengths, dtype=np.float64)
+    groups = r.reshape(-1, group)
+    return {
+        "reward/mean": float(r.mean()), "reward/std": float(r.std()), "reward/min": float(r.min()),
+        "reward/max": float(r.max()),
+        "reward/success_frac": float(np.mean(r >= success_threshold)),
+        "reward/zero_std_group_frac": float(np.mean(groups.max(1) == groups.min(1))),
+        "response/length_mean": float(n.mean()), "response/length_min": float(n.min()),
+        "response/length_max": float(n.max()),
+        "response/truncated_frac": float(np.mean(truncated)),
+        "env/errors": int(sum(errors)),
+    }
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"loss.alpha": 0.5, ...} from nested mappings."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "task_options" and key != "chat_template_kwargs":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _seed_everything(seed: int) -> None:

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sdpo_fast.train.config import LossOptions, OptimOptions, SamplingOptions, TrainConfig
+from sdpo_fast.algorithm.config import LossConfig
+from sdpo_fast.rollout.sampling import SamplingConfig
+from sdpo_fast.train.config import OptimOptions, TrainConfig
 
 METHODS = ("sdpo", "best-of-k", "multi-turn")
 Method = Literal["sdpo", "best-of-k", "multi-turn"]
@@ -60,9 +62,9 @@ class SearchOptions:
             model=self.model, teacher=self.teacher, tau=self.tau, device=self.device,
             prompts_per_step=1, rollouts_per_prompt=self.batch, micro_batch_size=self.batch,
             generation_batch_size=max(self.batch, 64), env_workers=self.env_workers, env_timeout_s=self.env_timeout_s,
-            sampling=SamplingOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature),
+            sampling=SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature),
             optim=OptimOptions(lr=self.lr, warmup_steps=0),
-            loss=LossOptions(alpha=self.alpha, topk=self.topk, adv_clip=self.adv_clip))
+            loss=LossConfig(alpha=self.alpha, topk=self.topk, adv_clip=self.adv_clip))
 
 
 @dataclass
