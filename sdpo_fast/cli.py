@@ -105,6 +105,16 @@ def _bench(cfg: BenchConfig) -> None:
 COMMANDS["bench"] = (BenchConfig, _bench)
 
 
+# `sdpo-fast preflight`: self-teacher diagnostics of one sampled batch, no training (sdpo_fast/train/preflight.py).
+def _preflight(cfg: TrainConfig) -> None:
+    from sdpo_fast.train.preflight import print_report, run_preflight
+
+    print_report(cfg, run_preflight(cfg))
+
+
+COMMANDS["preflight"] = (TrainConfig, _preflight)
+
+
 def parse(cls: type, args: list[str], prog: str):
     """Build `cls` from `--config FILE` (optional) and flags; exits with a message on a bad value."""
     pre = argparse.ArgumentParser(add_help=False)

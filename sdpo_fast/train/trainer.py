@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from sdpo_fast.algorithm import Aggregator, LossConfig, RepromptConfig, Teacher, TokenBatch, build_teacher_contexts
 from sdpo_fast.algorithm import compute_loss, grpo_advantages
+from sdpo_fast.algorithm.diagnostics import TeacherDiagnostics
 from sdpo_fast.algorithm.metrics import Metrics
 from sdpo_fast.envs import BatchEvaluator
 from sdpo_fast.files import plain, write_atomically
@@ -296,6 +297,7 @@ class Trainer:
             ctx = build_teacher_contexts(self.tokenizer, [messages[i // G] for i in range(n)], responses, rewards,
                                          groups, feedback, self.reprompt)
             extra = ctx.metrics()
+            diagnostics = TeacherDiagnostics(self.tokenizer, responses, ctx)
         mask = lcfg.loss_mask(response_mask, ctx.mask if ctx is not None else None)
         group = dist.group.WORLD if self.rt.world_size > 1 else None
         agg = Aggregator.for_batch(mask, lcfg.agg_mode, norm_length=cfg.sampling.max_new_tokens, process_group=group)
@@ -320,6 +322,7 @@ class Trainer:
                 batch = TokenBatch(mask=mask[rows].to(dev), student_logp=out.logp, entropy=out.entropy, **common)
             else:
                 batch = TokenBatch.from_distill(out, mask[rows].to(dev), sd_mask=ctx.mask[rows].to(dev), **common)
+                diagnostics.add(rows, out, batch.mask)
             loss = compute_loss(lcfg, agg, batch, metrics)
             if batch.old_logp is not None:
                 metrics.add("rollout/logp_abs_diff", (batch.student_logp - batch.old_logp).abs(), batch.mask)
@@ -327,7 +330,7 @@ class Trainer:
             total += float(loss.detach())
         if self.teacher_policy is not None:
             _reshard(self.teacher_policy)
-        return {**extra, **metrics.summary()}, total
+        return {**extra, **metrics.summary(), **(diagnostics.metrics() if ctx is not None else {})}, total
 
     def _teacher_head(self) -> torch.Tensor | None:
         """The teacher's LM head for this step (gathered once when sharded)."""
