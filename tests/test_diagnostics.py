@@ -65,6 +65,7 @@ def test_teacher_diagnostics_hand_checked():
     assert m["teacher/answer_adv_success"] == pytest.approx(1.0)
     assert m["teacher/answer_div_share"] == pytest.approx((0.2 + 0.6 + 1.0) / 2.1)
     assert m["teacher/answer_token_share"] == pytest.approx(4 / 8)
+    assert m["teacher/answer_abs_adv_share"] == pytest.approx((1.0 + 2.0 + 4.0) / (2.0 + 2.0 + 4.2))
     assert m["teacher/answer_div_concentration"] == pytest.approx((1.8 / 2.1) / 0.5)
     assert m["groups/all_failed_frac"] == 0.5
     assert m["teacher/all_failed_teacher_frac"] == 0.5
@@ -72,7 +73,7 @@ def test_teacher_diagnostics_hand_checked():
 
 
 def test_verdict():
-    good = {"teacher/seq_adv_auc": 0.8, "teacher/correct_answer_gain": 2.0, "teacher/answer_div_concentration": 3.0}
+    good = {"teacher/seq_adv_auc": 0.8, "teacher/correct_answer_gain": 2.0, "teacher/answer_div_share": 0.5}
     assert verdict(good)[0] == "in regime"
     assert verdict({**good, "teacher/seq_adv_auc": 0.5})[0] == "marginal"
     label, reasons = verdict({"teacher/seq_adv_auc": float("nan")})

@@ -14,7 +14,10 @@ every rollout that has a teacher):
   wrong answer. (`teacher/answer_adv_success`: the same on successful rollouts, positive when it confirms.)
 - `teacher/answer_div_share` against `teacher/answer_token_share`: the share of the summed per-token
   divergence (the loss) on answer tokens, and the share of tokens that are answer tokens; their ratio is
-  `teacher/answer_div_concentration`. Near 1 the loss spreads over style tokens as much as over the answer.
+  `teacher/answer_div_concentration`. Near 1 the loss spreads over style tokens as much as over the answer;
+  a small share means most of the full-distribution loss moves style, not correctness.
+  `teacher/answer_abs_adv_share`: the same share for |log p_T - log p_S| of the sampled tokens, the weight
+  of each token in sampled-token SDPO's loss.
 
 Answer tokens: the response tokens whose decoded characters overlap the answer a direct-answer
 environment reads (`AnswerEnv`): the value of the last "Answer: ..." line, else the last number. Responses
@@ -104,6 +107,8 @@ def teacher_diagnostics(scores: dict[int, RolloutScores], success: list[bool], g
         return _mean([float(scores[i].advantage[scores[i].answer].mean()) for i in rows
                       if success[i] == ok and scores[i].answer.any()])
 
+    adv_total = sum(float(scores[i].advantage.abs().sum()) for i in rows)
+    adv_answer = sum(float(scores[i].advantage[scores[i].answer].abs().sum()) for i in rows)
     div_total = sum(float(scores[i].divergence.sum()) for i in rows)
     div_answer = sum(float(scores[i].divergence[scores[i].answer].sum()) for i in rows)
     tokens = sum(scores[i].answer.numel() for i in rows)
@@ -120,6 +125,7 @@ def teacher_diagnostics(scores: dict[int, RolloutScores], success: list[bool], g
         "teacher/answer_adv_failed": answer_adv(False),
         "teacher/answer_adv_success": answer_adv(True),
         "teacher/answer_div_share": div_answer / div_total if div_total > 0 else NAN,
+        "teacher/answer_abs_adv_share": adv_answer / adv_total if adv_total > 0 else NAN,
         "teacher/answer_token_share": answer_tokens / tokens if tokens else NAN,
         "teacher/answer_div_concentration": (div_answer / div_total) / (answer_tokens / tokens)
         if div_total > 0 and answer_tokens else NAN,
@@ -169,13 +175,14 @@ def verdict(metrics: dict[str, float]) -> tuple[str, list[str]]:
     return label, [text for _, text in checks]
 
 
-# (metric, threshold, what passing means). Heuristics, not laws: AUC 0.65 is about two standard errors
-# above chance for the ~30-60 within-group pairs of a pre-flight batch; a correct-answer gain of 1 nat
-# means the teacher is e times likelier than the student to write the right answer where the student
-# failed; a divergence concentration of 1.5 means the loss sits on answer tokens 1.5x more than on an
-# average token. The measured values for SmolLM2-135M are in docs/algorithm.md.
+# (metric, threshold, what passing means): necessary conditions, not a promise of a win. AUC 0.65 is about
+# two standard errors above chance for the ~30-60 within-group pairs of a pre-flight batch; a correct-answer
+# gain of 1 nat means the teacher is e times likelier than the student to write the right answer where
+# the student failed; an answer share of 0.25 means at least a quarter of the full-distribution loss is
+# about what the environment judges. On one-digit arithmetic SmolLM2-135M passes the first two and has a
+# share of 0.11, and pure SDPO there loses accuracy while responses grow (docs/algorithm.md).
 THRESHOLDS = [
     ("teacher/seq_adv_auc", 0.65, "the teacher prefers successful rollouts"),
-    ("teacher/correct_answer_gain", 1.0, "shown the feedback, the teacher is likelier to write the right answer"),
-    ("teacher/answer_div_concentration", 1.5, "the divergence sits on answer tokens, not on style"),
+    ("teacher/correct_answer_gain", 1.0, "in its context the teacher is likelier to write the right answer"),
+    ("teacher/answer_div_share", 0.25, "the loss is about the answer, not about style"),
 ]
