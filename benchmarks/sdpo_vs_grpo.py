@@ -116,14 +116,18 @@ def main() -> None:
 
 
 def summarise(runs: dict, algorithms: list[str]) -> dict:
-    """Mean / min / max accuracy per checkpoint and median step times per algorithm."""
+    """Mean / min / max accuracy per checkpoint, median step times, and the mean over seeds and steps of
+    each MECHANISM metric, per algorithm."""
     out = {}
     for algorithm in algorithms:
         mine = [r for r in runs.values() if r["algorithm"] == algorithm]
         acc = np.array([r["accuracy"] for r in mine])
+        per_step = {k: float(np.nanmean([v for r in mine for v in r.get("per_step", {}).get(k, [])]))
+                    for k in MECHANISM if any(k in r.get("per_step", {}) for r in mine)}
         out[algorithm] = {"generations": mine[0]["generations"], "accuracy_mean": acc.mean(0).tolist(),
                           "accuracy_min": acc.min(0).tolist(), "accuracy_max": acc.max(0).tolist(),
-                          **{k: float(np.median([r["times"][k] for r in mine])) for k in mine[0]["times"]}}
+                          **{k: float(np.median([r["times"][k] for r in mine])) for k in mine[0]["times"]},
+                          "per_step_mean": per_step}
     return out
 
 
@@ -141,6 +145,11 @@ def markdown(table: dict, algorithms: list[str]) -> str:
         t = table[a]
         lines.append(f"| {a} | {t['step_s']:.1f} | {t['generate_s']:.1f} | {t['train_s']:.1f} | "
                      f"{t['response_len']:.1f} |")
+    keys = [k for k in MECHANISM if any(k in table[a]["per_step_mean"] for a in algorithms)]
+    lines += ["", "| mean over seeds and steps | " + " | ".join(algorithms) + " |", "|---" * (len(algorithms) + 1) + "|"]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(f"{table[a]['per_step_mean'][k]:.3f}" if k in table[a]["per_step_mean"]
+                                              else "-" for a in algorithms) + " |")
     return "\n".join(lines)
 
 
