@@ -126,7 +126,6 @@ def run_sdpo_fast(s: Setting, seed: int, out_dir: Path) -> dict:
         reprompt=RepromptOptions(include_environment_feedback=False),
         eval=EvalOptions(problems=s.eval_problems, every=s.eval_every))
     trainer = Trainer(cfg)
-    loaded = _rss_mb()
     trainer.fit()
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steps, evals = [], {}
@@ -138,7 +137,7 @@ def run_sdpo_fast(s: Setting, seed: int, out_dir: Path) -> dict:
                           "train_s": r["time/step_s"] - r["time/generate_s"], "step_s": r["time/step_s"],
                           "reward_mean": r["reward/mean"], "response_len": r["response/length_mean"],
                           "reprompt_frac": r.get("reprompt/reprompt_fraction")})
-    return {"steps": steps, "eval": evals, "rss_loaded_mb": loaded, "peak_rss_mb": _rss_mb()}
+    return {"steps": steps, "eval": evals, "peak_rss_mb": _rss_mb()}
 
 
 def trl_trainer(s: Setting, seed: int, out_dir: Path, model, tokenizer, task, callbacks=()):
@@ -233,7 +232,6 @@ def run_trl(s: Setting, seed: int, out_dir: Path) -> dict:
                 bounds[-1] = (bounds[-1][0], evaluate(step, model))
 
     trainer = trl_trainer(s, seed, out_dir, model, tokenizer, task, callbacks=[Clock()])
-    loaded = _rss_mb()
     evaluate(0, trainer.model)
     trainer.train()
     end = time.perf_counter()
@@ -244,7 +242,7 @@ def run_trl(s: Setting, seed: int, out_dir: Path) -> dict:
         step_s = stop - start - eval_s
         steps.append({"step": k, "generate_s": gen["generate_s"], "train_s": step_s - gen["generate_s"],
                       "step_s": step_s, "reward_mean": gen["reward_mean"], "response_len": gen["response_len"]})
-    return {"steps": steps, "eval": evals, "rss_loaded_mb": loaded, "peak_rss_mb": _rss_mb()}
+    return {"steps": steps, "eval": evals, "peak_rss_mb": _rss_mb()}
 
 
 def child(engine: str, s: Setting, seed: int, runs_dir: Path, result: Path) -> None:
@@ -263,7 +261,14 @@ def child(engine: str, s: Setting, seed: int, runs_dir: Path, result: Path) -> N
 # Parent: interleaved runs, summary, plot.
 
 def launch(engine: str, s: Setting, seed: int, runs_dir: Path) -> dict:
-    """Run one (engine, seed) in a fresh interpreter and return its record."""
+    """Run one (engine, seed) in a fresh interpreter and return its record, kept as record.json in the run's
+    directory; a record of the same setting already there is reused (an interrupted sweep resumes)."""
+    saved = runs_dir / f"{engine}-seed{seed}" / "record.json"
+    if saved.exists():
+        record = json.loads(saved.read_text())
+        if record.get("setting") == asdict(s):
+            print(f"reusing {saved}", flush=True)
+            return record
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--child", engine, "--seed", str(seed), "--runs-dir", str(runs_dir),
@@ -271,7 +276,10 @@ def launch(engine: str, s: Setting, seed: int, runs_dir: Path) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "TOKENIZERS_PARALLELISM": "false"}
         print(f"$ {engine} seed {seed}", flush=True)
         subprocess.run(cmd, check=True, env=env)
-        return json.loads(result.read_text())
+        record = {**json.loads(result.read_text()), "setting": asdict(s), "load_avg_1min": os.getloadavg()[0]}
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(record))
+    return record
 
 
 def summarise(runs: dict, s: Setting) -> dict:
@@ -284,10 +292,12 @@ def summarise(runs: dict, s: Setting) -> dict:
         eval_steps = sorted({int(k) for r in mine for k in r["eval"]})
         out[engine] = {
             "step_s": float(np.median([x["step_s"] for x in steps])),
+            # Each step's non-generation time over the same step's generation time: generation is the same
+            # Hugging Face generate call in both engines, so this ratio cancels the machine's load at the time.
+            "train_per_generate": float(np.median([x["train_s"] / x["generate_s"] for x in steps])),
             "generate_s": float(np.median([x["generate_s"] for x in steps])),
             "train_s": float(np.median([x["train_s"] for x in steps])),
             "peak_rss_mb": float(np.mean([r["peak_rss_mb"] for r in mine])),
-            "rss_loaded_mb": float(np.mean([r["rss_loaded_mb"] for r in mine])),
             "eval_steps": eval_steps,
             "accuracy_mean": [float(np.mean([r["eval"][str(k)] for r in mine])) for k in eval_steps],
             "reward_mean_per_step": [float(np.mean([r["steps"][i]["reward_mean"] for r in mine])) for i in range(s.steps)],
@@ -295,9 +305,8 @@ def summarise(runs: dict, s: Setting) -> dict:
                                       for i in range(s.steps)],
         }
     a, b = out["sdpo_fast"], out["trl"]
-    out["ratio_sdpo_fast_over_trl"] = {k: a[k] / b[k] for k in ("step_s", "generate_s", "train_s", "peak_rss_mb")}
-    out["ratio_sdpo_fast_over_trl"]["training_rss_mb"] = ((a["peak_rss_mb"] - a["rss_loaded_mb"])
-                                                          / (b["peak_rss_mb"] - b["rss_loaded_mb"]))
+    out["ratio_sdpo_fast_over_trl"] = {k: a[k] / b[k] for k in ("step_s", "generate_s", "train_s",
+                                                                  "train_per_generate", "peak_rss_mb")}
     return out
 
 
@@ -309,8 +318,8 @@ def markdown(runs: dict, summary: dict, s: Setting) -> str:
         lines.append(f"| {name} | {a[key]:.2f} | {b[key]:.2f} | {r[key]:.2f}x |")
     lines.append(f"| peak RSS MB (mean over seeds) | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | "
                  f"{r['peak_rss_mb']:.2f}x |")
-    lines.append(f"| peak RSS above the loaded model MB | {a['peak_rss_mb'] - a['rss_loaded_mb']:.0f} | "
-                 f"{b['peak_rss_mb'] - b['rss_loaded_mb']:.0f} | {r['training_rss_mb']:.2f}x |")
+    lines.append(f"| scoring + update / generation of the same step (median) | {a['train_per_generate']:.2f} | "
+                 f"{b['train_per_generate']:.2f} | {r['train_per_generate']:.2f}x |")
     lines += ["", "| engine | seed | held-out accuracy at steps " + ", ".join(map(str, a["eval_steps"])) +
               " | reward per step | response tokens per step |", "|---|---|---|---|---|"]
     for run in runs.values():
@@ -363,6 +372,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=Setting.threads, help="torch threads of each run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/vs_trl"))
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/vs_trl"))
+    parser.add_argument("--report", action="store_true", help="only recompute the summary, plot and tables of "
+                        "an existing --out/vs_trl.json")
     parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
@@ -370,6 +381,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         child(args.child, Setting(**json.loads(args.setting)), args.seed, args.runs_dir, args.result)
+        return
+    if args.report:
+        report(args.out / "vs_trl.json")
         return
     if args.steps < 1 or any(seed < 0 for seed in args.seeds):
         raise SystemExit("vs_trl.py: error: --steps must be >= 1 and --seeds >= 0")
@@ -381,17 +395,28 @@ def main() -> None:
     runs = {}
     for seed in args.seeds:  # A, B, A, B
         for engine in ENGINES:
-            runs[f"{engine}/{seed}"] = {"engine": engine, "seed": seed, **launch(engine, s, seed, args.runs_dir)}
-    summary = summarise(runs, s)
+            record = {k: v for k, v in launch(engine, s, seed, args.runs_dir).items() if k != "setting"}
+            runs[f"{engine}/{seed}"] = {"engine": engine, "seed": seed, **record}
     import trl
 
     record = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": device_name("cpu"),
               "trl": trl.__version__, "command": " ".join(sys.argv), "setting": asdict(s),
               "option_map": [dict(zip(("option", "sdpo_fast", "trl"), row)) for row in OPTION_MAP],
-              "runs": runs, "summary": summary}
+              "runs": runs}
     write_json(args.out / "vs_trl.json", record)
-    plot(runs, summary, args.out / "vs_trl.png")
-    print(markdown(runs, summary, s))
+    report(args.out / "vs_trl.json")
+
+
+def report(path: Path) -> None:
+    """(Re)compute the summary of a results file, rewrite it with its plot, print the tables."""
+    from sdpo_fast.files import write_json
+
+    record = json.loads(path.read_text())
+    s = Setting(**record["setting"])
+    record["summary"] = summarise(record["runs"], s)
+    write_json(path, record)
+    plot(record["runs"], record["summary"], path.with_suffix(".png"))
+    print(markdown(record["runs"], record["summary"], s))
 
 
 if __name__ == "__main__":
