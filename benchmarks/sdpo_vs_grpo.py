@@ -104,7 +104,8 @@ def main() -> None:
         for (algorithm, seed), rows in zip(jobs, results):
             gens, acc = curve(rows, per_step)
             runs[f"{algorithm}/{seed}"] = {"algorithm": algorithm, "seed": seed, "generations": gens,
-                                           "accuracy": acc, "times": step_times(rows), "per_step": per_step_values(rows)}
+                                           "accuracy": acc, "times": step_times(rows),
+                                           "per_step": per_step_values(rows)}
 
     table = summarise(runs, args.algorithms)
     record = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": device_name("cpu"),
@@ -146,7 +147,8 @@ def markdown(table: dict, algorithms: list[str]) -> str:
         lines.append(f"| {a} | {t['step_s']:.1f} | {t['generate_s']:.1f} | {t['train_s']:.1f} | "
                      f"{t['response_len']:.1f} |")
     keys = [k for k in MECHANISM if any(k in table[a]["per_step_mean"] for a in algorithms)]
-    lines += ["", "| mean over seeds and steps | " + " | ".join(algorithms) + " |", "|---" * (len(algorithms) + 1) + "|"]
+    lines += ["", "| mean over seeds and steps | " + " | ".join(algorithms) + " |",
+              "|---" * (len(algorithms) + 1) + "|"]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(f"{table[a]['per_step_mean'][k]:.3f}" if k in table[a]["per_step_mean"]
                                               else "-" for a in algorithms) + " |")

@@ -300,7 +300,8 @@ def summarise(runs: dict, s: Setting) -> dict:
             "peak_rss_mb": float(np.mean([r["peak_rss_mb"] for r in mine])),
             "eval_steps": eval_steps,
             "accuracy_mean": [float(np.mean([r["eval"][str(k)] for r in mine])) for k in eval_steps],
-            "reward_mean_per_step": [float(np.mean([r["steps"][i]["reward_mean"] for r in mine])) for i in range(s.steps)],
+            "reward_mean_per_step": [float(np.mean([r["steps"][i]["reward_mean"] for r in mine]))
+                                     for i in range(s.steps)],
             "response_len_per_step": [float(np.mean([r["steps"][i]["response_len"] for r in mine]))
                                       for i in range(s.steps)],
         }
