@@ -2,7 +2,8 @@
 
 Runs `sdpo-fast train` once per (algorithm, seed) with identical settings (a YAML config plus the
 algorithm and seed), evaluating every `--eval-every` steps, then writes:
-- `sdpo_vs_grpo.json`: every run's accuracy-vs-generations curve and phase times, and the summary table;
+- `sdpo_vs_grpo.json` (`--name`): every run's accuracy-vs-generations curve, phase times and per-step
+  MECHANISM metrics (reward, response length, all-failed groups, self-teacher diagnostics), and the summary;
 - `sdpo_vs_grpo.png`: mean held-out accuracy (with per-seed points) against generations;
 - a Markdown table on stdout: accuracy at each checkpoint (mean over seeds), and the median step time of
   each algorithm, split into generation and training (score + update). Runs that went side by side share
@@ -30,6 +31,11 @@ from sdpo_fast.bench.common import device_name, git_commit
 from sdpo_fast.files import save_figure, write_json
 
 TRAIN_PHASES = ("time/score_s", "time/update_s")
+# Per-step values kept for every run: what the self-teacher does (sdpo_fast.algorithm.diagnostics), how
+# many groups fail entirely, and response length.
+MECHANISM = ("reward/mean", "response/length_mean", "groups/all_failed_frac", "teacher/seq_adv_auc",
+             "teacher/answer_adv_failed", "teacher/answer_adv_success", "teacher/answer_div_concentration",
+             "teacher/all_failed_teacher_frac", "teacher/all_failed_div", "reprompt/feedback_used_fraction")
 
 
 def run(config: Path, algorithm: str, seed: int, out: Path, extra: list[str], max_steps: int) -> list[dict]:
@@ -61,6 +67,12 @@ def curve(rows: list[dict], generations_per_step: int) -> tuple[list[int], list[
     return [g for g, _ in points], [a for _, a in points]
 
 
+def per_step_values(rows: list[dict]) -> dict[str, list[float]]:
+    """MECHANISM metrics per training step (those the run logged)."""
+    steps = [r for r in rows if "time/step_s" in r]
+    return {k: [r[k] for r in steps] for k in MECHANISM if all(k in r for r in steps)}
+
+
 def step_times(rows: list[dict]) -> dict[str, float]:
     """Median seconds per step: total, generation, and training (score + update)."""
     steps = [r for r in rows if "time/step_s" in r]
@@ -76,6 +88,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--algorithms", nargs="+", default=["sdpo", "grpo", "blend"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="sdpo_vs_grpo", help="file name of the results (.json, .png)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/sdpo_vs_grpo"))
     parser.add_argument("--max-steps", type=int, help="steps per run (default: the config's max_steps)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one thread each)")
@@ -91,26 +104,31 @@ def main() -> None:
         for (algorithm, seed), rows in zip(jobs, results):
             gens, acc = curve(rows, per_step)
             runs[f"{algorithm}/{seed}"] = {"algorithm": algorithm, "seed": seed, "generations": gens,
-                                           "accuracy": acc, "times": step_times(rows)}
+                                           "accuracy": acc, "times": step_times(rows),
+                                           "per_step": per_step_values(rows)}
 
     table = summarise(runs, args.algorithms)
     record = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": device_name("cpu"),
               "command": " ".join(sys.argv), "config": cfg, "max_steps": max_steps, "jobs": args.jobs,
               "runs": runs, "summary": table}
-    write_json(args.out / "sdpo_vs_grpo.json", record)
-    plot(runs, args.algorithms, args.out / "sdpo_vs_grpo.png", cfg.get("task", "?"))
+    write_json(args.out / f"{args.name}.json", record)
+    plot(runs, args.algorithms, args.out / f"{args.name}.png", cfg.get("task", "?"))
     print(markdown(table, args.algorithms))
 
 
 def summarise(runs: dict, algorithms: list[str]) -> dict:
-    """Mean / min / max accuracy per checkpoint and median step times per algorithm."""
+    """Mean / min / max accuracy per checkpoint, median step times, and the mean over seeds and steps of
+    each MECHANISM metric, per algorithm."""
     out = {}
     for algorithm in algorithms:
         mine = [r for r in runs.values() if r["algorithm"] == algorithm]
         acc = np.array([r["accuracy"] for r in mine])
+        per_step = {k: float(np.nanmean([v for r in mine for v in r.get("per_step", {}).get(k, [])]))
+                    for k in MECHANISM if any(k in r.get("per_step", {}) for r in mine)}
         out[algorithm] = {"generations": mine[0]["generations"], "accuracy_mean": acc.mean(0).tolist(),
                           "accuracy_min": acc.min(0).tolist(), "accuracy_max": acc.max(0).tolist(),
-                          **{k: float(np.median([r["times"][k] for r in mine])) for k in mine[0]["times"]}}
+                          **{k: float(np.median([r["times"][k] for r in mine])) for k in mine[0]["times"]},
+                          "per_step_mean": per_step}
     return out
 
 
@@ -128,6 +146,12 @@ def markdown(table: dict, algorithms: list[str]) -> str:
         t = table[a]
         lines.append(f"| {a} | {t['step_s']:.1f} | {t['generate_s']:.1f} | {t['train_s']:.1f} | "
                      f"{t['response_len']:.1f} |")
+    keys = [k for k in MECHANISM if any(k in table[a]["per_step_mean"] for a in algorithms)]
+    lines += ["", "| mean over seeds and steps | " + " | ".join(algorithms) + " |",
+              "|---" * (len(algorithms) + 1) + "|"]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(f"{table[a]['per_step_mean'][k]:.3f}" if k in table[a]["per_step_mean"]
+                                              else "-" for a in algorithms) + " |")
     return "\n".join(lines)
 
 

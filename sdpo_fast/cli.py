@@ -1,4 +1,4 @@
-"""Command line: `sdpo-fast train | eval | ttsd | ttsd-experiment | bench ...`.
+"""Command line: `sdpo-fast train | eval | preflight | ttsd | ttsd-experiment | bench ...`.
 
 Each command takes a typed config (dataclass) whose defaults can be replaced by a YAML file given with
 `--config FILE` and overridden by flags (`sdpo-fast COMMAND --help` lists them). A bad value, model,
@@ -124,6 +124,27 @@ def _checked(prog: str, check: Callable, *args) -> None:
         raise UsageError(prog, str(exc)) from None
 
 
+class PreflightConfig(TrainConfig):
+    """Self-teacher diagnostics on one sampled batch, no training: is this model/task in SDPO's regime?
+
+    Takes the options of `sdpo-fast train` (sdpo_fast/train/preflight.py); nothing is written.
+    """
+
+
+def _preflight(cfg: TrainConfig) -> None:
+    from sdpo_fast.models import check_model
+    from sdpo_fast.train.data import check_task
+
+    _checked("sdpo-fast preflight", check_model, cfg.model)  # before torch and the model load
+    _checked("sdpo-fast preflight", check_task, cfg.task, cfg.task_options, cfg.data)
+    from sdpo_fast.train.preflight import print_report, run_preflight
+
+    print_report(cfg, run_preflight(cfg))
+
+
+COMMANDS["preflight"] = (PreflightConfig, _preflight)
+
+
 def parse(cls: type, args: list[str], prog: str):
     """Build `cls` from `--config FILE` (optional) and flags; a bad file or value raises UsageError (a SystemExit
     with status 2, its one line printed).
@@ -173,7 +194,10 @@ def usage() -> str:
              "", "commands:"]
     for name, (cls, _) in COMMANDS.items():
         first = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-        lines.append(f"  {name:<{width}}  {first.split('; ')[0].split(': ')[0].rstrip('.')}")
+        line = first.split('; ')[0].split(': ')[0]
+        if line.count("(") > line.count(")"):  # a parenthesis cut open above: leave it out
+            line = line[:line.rindex("(")]
+        lines.append(f"  {name:<{width}}  {line.strip().rstrip('.')}")
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from sdpo_fast.algorithm import Aggregator, Teacher, TokenBatch, build_teacher_contexts
 from sdpo_fast.algorithm import compute_loss, grpo_advantages
+from sdpo_fast.algorithm.diagnostics import TeacherDiagnostics
 from sdpo_fast.algorithm.metrics import Metrics
 from sdpo_fast.envs import BatchEvaluator
 from sdpo_fast.files import write_atomically
@@ -325,6 +326,7 @@ class Trainer:
             ctx = build_teacher_contexts(self.tokenizer, [messages[i // G] for i in range(n)], responses, rewards,
                                          groups, feedback, self.reprompt)
             extra = ctx.metrics()
+            diagnostics = TeacherDiagnostics(self.tokenizer, responses, ctx)
         mask = lcfg.loss_mask(response_mask, ctx.mask if ctx is not None else None)
         group = dist.group.WORLD if self.rt.world_size > 1 else None
         agg = Aggregator.for_batch(mask, lcfg.agg_mode, norm_length=cfg.sampling.max_new_tokens, process_group=group)
@@ -350,6 +352,7 @@ class Trainer:
                 batch = TokenBatch(mask=mask[rows].to(dev), student_logp=out.logp, entropy=out.entropy, **common)
             else:
                 batch = TokenBatch.from_distill(out, mask[rows].to(dev), sd_mask=ctx.mask[rows].to(dev), **common)
+                diagnostics.add(rows, out, batch.mask)
             loss = compute_loss(lcfg, agg, batch, metrics)
             if batch.old_logp is not None:
                 metrics.add("rollout/logp_abs_diff", (batch.student_logp - batch.old_logp).abs(), batch.mask)
@@ -359,7 +362,7 @@ class Trainer:
             _reshard(self.teacher_policy)
         if self.ref_policy is not None and self.ref_policy is not self.teacher_policy:
             _reshard(self.ref_policy)
-        return {**extra, **metrics.summary()}, total
+        return {**extra, **metrics.summary(), **(diagnostics.metrics() if ctx is not None else {})}, total
 
     @torch.no_grad()
     def _reference_logp(self, seqs, starts, targets: torch.Tensor, distill: dict) -> torch.Tensor | None:
