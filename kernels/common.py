@@ -40,22 +40,41 @@ class TileConfig(NamedTuple):
 
 
 class KernelConfigs(NamedTuple):
-    """The configs a kernel may run with, per input kind; the first of each list is its default.
+    """The configs a kernel may run with, per input kind and GPU generation; the first of each list is its default.
 
     `half` serves fp16/bf16 inputs (tensor cores, bf16/fp16 operands), `fp32` serves fp32 inputs
     (3xTF32 products, which keep fp32-level accuracy and need more registers and shared memory).
+    `half_sm80`, when given, replaces `half` on GPUs older than Hopper (compute capability below 9.0),
+    where ptxas spills some 16-bit tiles that it compiles without spills for Hopper.
     """
 
     half: list[TileConfig]
     fp32: list[TileConfig]
+    half_sm80: list[TileConfig] | None = None
 
-    def for_dtype(self, dtype: torch.dtype) -> list[TileConfig]:
-        return self.fp32 if dtype == torch.float32 else self.half
+    def for_target(self, dtype: torch.dtype, capability: int) -> list[TileConfig]:
+        """The list for `dtype` inputs on a GPU of compute capability `capability` (major * 10 + minor)."""
+        if dtype == torch.float32:
+            return self.fp32
+        return self.half_sm80 if capability < 90 and self.half_sm80 is not None else self.half
 
-    def pickable(self, dtype: torch.dtype) -> list[TileConfig]:
-        """The configs a launch with `dtype` inputs can run: the whole list when tuning, else the default."""
-        configs = self.for_dtype(dtype)
+    def pickable(self, dtype: torch.dtype, capability: int) -> list[TileConfig]:
+        """The configs a launch can run: the whole list for (dtype, capability) when tuning, else its default."""
+        configs = self.for_target(dtype, capability)
         return configs if AUTOTUNE else configs[:1]
+
+    def all(self) -> list[TileConfig]:
+        """Every config of every list, once each (what the autotuner is given before pruning)."""
+        return list(dict.fromkeys(self.half + self.fp32 + (self.half_sm80 or [])))
+
+
+def device_capability(device: torch.device) -> int:
+    """Compute capability of `device` as major * 10 + minor (90 for H100, 80 for A100); 90 off-GPU,
+    where no kernel is compiled and only the config choice is exercised."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 # Under the interpreter autotuning with more than one config fails, so one small config is used there
@@ -66,7 +85,7 @@ _INTERPRETER_CONFIG = TileConfig(64, 256, 64, 4, 1)
 def autotune(configs: KernelConfigs, key: list[str], dtype_arg: str):
     """`triton.autotune` over `configs`, pruned per launch by `dtype_prune`. Tuning results are cached
     on disk (Triton's autotune cache), so later processes reuse them."""
-    listed = [_INTERPRETER_CONFIG] if INTERPRET else list(dict.fromkeys(configs.half + configs.fp32))
+    listed = [_INTERPRETER_CONFIG] if INTERPRET else configs.all()
     return triton.autotune(
         configs=[triton.Config({"BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h},
                                num_warps=c.num_warps, num_stages=c.num_stages) for c in listed],
@@ -75,14 +94,14 @@ def autotune(configs: KernelConfigs, key: list[str], dtype_arg: str):
 
 
 def dtype_prune(configs: KernelConfigs, dtype_arg: str):
-    """Autotuner pruning: keep the configs pickable for the dtype of argument `dtype_arg` (its whole list
-    with SDPO_FAST_AUTOTUNE=1, else its default alone, so nothing is benchmarked)."""
+    """Autotuner pruning: keep the configs pickable for the dtype and device of argument `dtype_arg` (its
+    whole list with SDPO_FAST_AUTOTUNE=1, else its default alone, so nothing is benchmarked)."""
 
     def prune(candidates: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         if INTERPRET:  # the interpreter's single config
             return candidates
-        dtype = {**named_args, **kwargs}[dtype_arg].dtype  # launchers pass every argument by keyword
-        wanted = set(configs.pickable(dtype))
+        tensor = {**named_args, **kwargs}[dtype_arg]  # launchers pass every argument by keyword
+        wanted = set(configs.pickable(tensor.dtype, device_capability(tensor.device)))
         return [c for c in candidates if _tile(c) in wanted]
 
     return prune

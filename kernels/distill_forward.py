@@ -49,17 +49,23 @@ _STATS = 9
 # The forward's configs (defaults first), separately for the stats and JSD kernels. Two fp32
 # [BLOCK_N, BLOCK_V] tiles are live across the teacher GEMM, so each thread holds at most 32 elements
 # of a tile (BLOCK_N * BLOCK_V / (32 * warps)); larger tiles spill on sm_80 and, for the JSD, on sm_90.
-# Every entry compiles without spills on sm_90 and sm_80 (`python -m sdpo_fast.kernels.resources`).
-# fp32 inputs use 3xTF32 products, which need about three times the operand registers: smaller tiles.
-_FP32_CONFIGS = [TileConfig(64, 64, 16, 4, 2), TileConfig(32, 64, 32, 4, 2), TileConfig(64, 32, 32, 4, 2)]
+# Every entry compiles without spills on sm_90 and sm_80 with Triton 3.6 and 3.9
+# (`python -m sdpo_fast.kernels.resources`). Pre-Hopper GPUs get their own half lists: there ptxas
+# (Triton 3.6) spills the 64 x 128 x 64 tiles of the student-only stats kernel and of the JSD pass, and
+# the JSD's 64 x 64 x 32 tile at 3 stages. fp32 inputs use 3xTF32 products, which need about three
+# times the operand registers: smaller tiles, and 8 warps for the 64 x 64 default (4 warps spill the
+# JSD pass on sm_90 and the teacher stats on sm_80).
+_FP32_CONFIGS = [TileConfig(64, 64, 16, 8, 2), TileConfig(32, 64, 32, 4, 2), TileConfig(64, 32, 32, 4, 2)]
 STATS_CONFIGS = KernelConfigs(
     half=[TileConfig(64, 128, 64, 8, 3), TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 32, 8, 3),
           TileConfig(64, 64, 64, 4, 3)],
     fp32=_FP32_CONFIGS,
+    half_sm80=[TileConfig(128, 64, 64, 8, 3), TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 64, 4, 3)],
 )
 JSD_CONFIGS = KernelConfigs(
     half=[TileConfig(64, 128, 64, 8, 3), TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 4, 3)],
     fp32=_FP32_CONFIGS,
+    half_sm80=[TileConfig(64, 128, 32, 8, 3), TileConfig(64, 64, 32, 4, 2)],
 )
 _MERGE_BLOCK = 128
 # Hidden states of the row tiles resident at once should fit in this share of L2 (see `num_splits`).

@@ -3,13 +3,14 @@
     python -m sdpo_fast.kernels.resources [OUT_DIR] [--fast] [--jobs J]
 
 Compiles every kernel x every constexpr variant the launchers can produce x every config its autotuner
-may pick (the kernels' own `*_CONFIGS` lists) x {bf16, fp16, fp32} x {sm_90, sm_80} with Triton's bundled
-ptxas, and writes `kernel_resources.json` and `kernel_resources.md` to OUT_DIR (default
-benchmarks/results/kernel_resources). Each launch is built by the launcher's own function (`*_launch`)
-on meta tensors of a representative shape (N = 8192, H = H_t = 4096, V = 151936, 256 MiB backward
-workspace) and specialised by Triton's own argument binder, so the compiled code is what the launcher
-would run (pointer alignment of 16 bytes as torch's CUDA allocator gives, integer divisibility by 16
-as those shapes have).
+may pick (the kernels' own `*_CONFIGS` lists, chosen per target as on a GPU of that compute capability)
+x {bf16, fp16, fp32} x {sm_90, sm_80} with Triton's bundled ptxas, and writes `kernel_resources.json`
+and `kernel_resources.md` to OUT_DIR (default benchmarks/results/kernel_resources). Each launch is
+built by the launcher's own function (`*_launch`) on meta tensors of a representative shape (N = 8192,
+H = H_t = 4096, V = 151936, 256 MiB backward workspace) and specialised by Triton's own argument binder,
+so the compiled code is what the launcher would run (pointer alignment of 16 bytes as torch's CUDA
+allocator gives, integer divisibility by 16 as those shapes have). Register allocation depends on the
+Triton version (its bundled ptxas), which the report records.
 
 A row is ok when it compiles, ptxas reports no spill stores or loads, and its shared memory fits the
 target's per-block opt-in limit: sm_90 227 KiB (232448 bytes, H100/H200) and sm_80 163 KiB (166912
@@ -120,10 +121,20 @@ def jobs(fast: bool) -> list[Job]:
                     continue  # fp32 statistics only: one compilation serves every input dtype
                 for variant in variants:
                     _, configs = _launch(kernel, variant, DTYPES[dtype])
-                    count = len(configs.for_dtype(DTYPES[dtype])) if configs else 0
+                    count = len(configs.for_target(DTYPES[dtype], TARGETS[target][0])) if configs else 0
                     out += [Job(kernel, variant, i, "any" if kernel == "merge" else dtype, target)
                             for i in (range(count) if count else [-1])]
     return out
+
+
+def job_launch(job: Job):
+    """The launch of `job` and its config: the kernel's list for the job's dtype and target, as the
+    autotuner's pruning picks it on a GPU of that compute capability (None for kernels without configs)."""
+    dtype = DTYPES["fp32" if job.dtype == "any" else job.dtype]
+    launch, configs = _launch(job.kernel, job.variant, dtype)
+    if configs is None:
+        return launch, None
+    return launch, configs.for_target(dtype, TARGETS[job.target][0])[job.config_index]
 
 
 def compile_job(job: Job) -> dict:
@@ -135,11 +146,9 @@ def compile_job(job: Job) -> dict:
     from triton.runtime.jit import create_function_from_signature
 
     capability, shared_limit = TARGETS[job.target]
-    dtype = DTYPES["fp32" if job.dtype == "any" else job.dtype]
-    launch, configs = _launch(job.kernel, job.variant, dtype)
+    launch, tile = job_launch(job)
     args, options, config = dict(launch.args), {}, "-"
-    if configs is not None:
-        tile = configs.for_dtype(dtype)[job.config_index]
+    if tile is not None:
         args.update(BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_H=tile.block_h)
         options = dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
         config = (f"{tile.block_n}x{tile.block_v}x{tile.block_h} w{tile.num_warps} s{tile.num_stages}"
@@ -182,13 +191,14 @@ def compile_job(job: Job) -> dict:
     return row
 
 
-def markdown(rows: list[dict], command: str, seconds: float) -> str:
+def markdown(rows: list[dict], command: str, seconds: float, triton_version: str) -> str:
     """The report as a Markdown summary and table."""
     bad = [r for r in rows if not r["ok"]]
     lines = [
         "# Kernel resource report", "",
         f"`{command}`: {len(rows)} compilations, {len(rows) - len(bad)} ok, {len(bad)} failing "
-        f"({seconds:.0f} s). Shape N={SHAPE['n']}, H=H_t={SHAPE['hidden']}, V={SHAPE['vocab']}; "
+        f"({seconds:.0f} s, Triton {triton_version}). "
+        f"Shape N={SHAPE['n']}, H=H_t={SHAPE['hidden']}, V={SHAPE['vocab']}; "
         "shared-memory limits: sm_90 232448 B, sm_80 166912 B (per-block opt-in).", "",
         "| kernel | variant | config (BN x BV x BH, warps, stages) | dtype | target | registers | spill B | "
         "stack B | shared B | ok |",
@@ -214,12 +224,14 @@ def run(out_dir: Path, fast: bool, workers: int) -> list[dict]:
         rows = [compile_job(j) for j in todo]
     seconds = time.time() - start
     command = "python -m sdpo_fast.kernels.resources" + (" --fast" if fast else "")
+    import triton  # the compiler (and its bundled ptxas) the rows depend on
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = dict(command=command, seconds=round(seconds, 1), shape=SHAPE,
+    summary = dict(command=command, seconds=round(seconds, 1), triton=triton.__version__, shape=SHAPE,
                    shared_limits={t: lim for t, (_, lim) in TARGETS.items()}, total=len(rows),
                    ok=sum(r["ok"] for r in rows), failing=sum(not r["ok"] for r in rows))
     (out_dir / "kernel_resources.json").write_text(json.dumps(dict(summary=summary, rows=rows), indent=1) + "\n")
-    (out_dir / "kernel_resources.md").write_text(markdown(rows, command, seconds))
+    (out_dir / "kernel_resources.md").write_text(markdown(rows, command, seconds, triton.__version__))
     return rows
 
 

@@ -49,7 +49,7 @@ def test_fast_report_passes(tmp_path):
         for variant in resources.VARIANTS[kernel]:
             got = [r["config"].removesuffix(" (default)") for r in rows
                    if r["kernel"] == kernel and r["variant"] == variant]
-            assert got == [_config_label(c) for c in configs.half], (kernel, variant)
+            assert got == [_config_label(c) for c in configs.for_target(torch.bfloat16, 90)], (kernel, variant)
     assert "| kernel | variant |" in (tmp_path / "kernel_resources.md").read_text()
 
 
@@ -75,12 +75,15 @@ def test_only_defaults_are_pickable_without_tuning(monkeypatch):
     from sdpo_fast.kernels import common
 
     configs = KernelConfigs(half=[TileConfig(64, 128, 64, 8, 3), TileConfig(64, 64, 64, 4, 3)],
-                            fp32=[TileConfig(32, 64, 32, 4, 2)])
+                            fp32=[TileConfig(32, 64, 32, 4, 2)],
+                            half_sm80=[TileConfig(128, 64, 64, 8, 3), TileConfig(64, 64, 32, 4, 2)])
     monkeypatch.setattr(common, "AUTOTUNE", False)
-    assert configs.pickable(torch.bfloat16) == configs.half[:1]
-    assert configs.pickable(torch.float32) == configs.fp32
+    assert configs.pickable(torch.bfloat16, 90) == configs.half[:1]
+    assert configs.pickable(torch.bfloat16, 86) == configs.half_sm80[:1]  # pre-Hopper list
+    assert configs.pickable(torch.float32, 80) == configs.fp32  # fp32: one list for every GPU
     monkeypatch.setattr(common, "AUTOTUNE", True)
-    assert configs.pickable(torch.float16) == configs.half
+    assert configs.pickable(torch.float16, 100) == configs.half
+    assert configs.pickable(torch.float16, 80) == configs.half_sm80
 
 
 def test_autotuner_prunes_to_the_launch_dtype(monkeypatch):
@@ -92,7 +95,7 @@ def test_autotuner_prunes_to_the_launch_dtype(monkeypatch):
 
     configs = distill_forward.STATS_CONFIGS
     candidates = [triton.Config({"BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_H": c.block_h},
-                                num_warps=c.num_warps, num_stages=c.num_stages) for c in configs.half + configs.fp32]
+                                num_warps=c.num_warps, num_stages=c.num_stages) for c in configs.all()]
     prune = common.dtype_prune(configs, "hs_ptr")
     monkeypatch.setattr(common, "INTERPRET", False)
     monkeypatch.setattr(common, "AUTOTUNE", False)
@@ -102,6 +105,23 @@ def test_autotuner_prunes_to_the_launch_dtype(monkeypatch):
     monkeypatch.setattr(common, "AUTOTUNE", True)
     kept = prune(candidates, {}, hs_ptr=torch.empty(0, dtype=torch.float16))
     assert [common._tile(c) for c in kept] == configs.half
+    # On a pre-Hopper GPU the launch's device selects the sm_80 list.
+    monkeypatch.setattr(common, "device_capability", lambda device: 80)
+    kept = prune(candidates, {}, hs_ptr=torch.empty(0, dtype=torch.bfloat16))
+    assert [common._tile(c) for c in kept] == configs.for_target(torch.bfloat16, 80) != configs.half
+
+
+def test_full_report_follows_the_per_target_lists():
+    """The full matrix compiles, per target, the list a GPU of that compute capability would use."""
+    jobs = resources.jobs(fast=False)
+    lists = {"stats": distill_forward.STATS_CONFIGS, "jsd": distill_forward.JSD_CONFIGS,
+             "grad_logits": distill_backward.GRAD_LOGITS_CONFIGS, "grad_hidden": distill_backward.GRAD_H_CONFIGS}
+    for kernel, configs in lists.items():
+        for target, (capability, _) in resources.TARGETS.items():
+            for dtype in ("bf16", "fp16", "fp32"):
+                got = [resources.job_launch(j)[1] for j in jobs if (j.kernel, j.variant, j.target, j.dtype)
+                       == (kernel, resources.VARIANTS[kernel][0], target, dtype)]
+                assert got == configs.for_target(resources.DTYPES[dtype], capability), (kernel, target, dtype)
 
 
 def test_autotune_keys_do_not_move_with_token_count():
