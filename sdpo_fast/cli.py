@@ -181,7 +181,8 @@ def _value_errors_in_one_line(prog: str):
 
     def hook(event) -> None:
         if isinstance(event, getattr(_errors, "InstantiationFailure", ())):
-            raise UsageError(prog, event.message)
+            flags = getattr(getattr(getattr(event, "argument", None), "lowered", None), "name_or_flags", ())
+            raise UsageError(prog, f"{flags[0]}: {event.message}" if flags else event.message)
 
     register = getattr(_errors, "on_parse_error", None)
     return register(hook) if register is not None else contextlib.nullcontext()

@@ -34,6 +34,8 @@ BAD_INPUTS = {  # name: (YAML file content or None, flags, words the message mus
     "grpo one rollout": ("algorithm: grpo\nrollouts_per_prompt: 1\n", [], ["rollouts_per_prompt >= 2"]),
     "flag value": (None, ["--algorithm", "grpo", "--rollouts-per-prompt", "1"], ["rollouts_per_prompt >= 2"]),
     "nested flag value": (None, ["--loss.kl-coef", "-1"], ["kl_coef must be a number"]),
+    "flag type": (None, ["--max-steps", "three"], ["--max-steps", "'three'"]),
+    "nested flag type": (None, ["--loss.alpha", "half"], ["--loss.alpha", "'half'"]),
     "task option type": (None, ["--task-options", "digits", "abc"], ["task_options", "digits"]),
     "task option name": (None, ["--task-options", "colour", "red"], ["task_options", "colour"]),
     "task": (None, ["--task", "chess"], ["task must be one of", "'chess'"]),
