@@ -71,7 +71,10 @@ def test_cpu_and_wall_limits():
 
 
 def test_memory_bomb_fails_inside_the_sandbox():
-    result = run("blocks = []\nwhile True:\n    blocks.append(bytearray(1 << 24))\n")
+    # a smaller cap and a longer CPU budget: first-touch page faults cost up to ~12 ms/MB of CPU on some
+    # VMs (Firecracker), so filling 256 MB can outlast a 1 s CPU limit before the address space runs out
+    limits = Limits(cpu_s=5.0, wall_s=8.0, memory_mb=96, processes=6, file_mb=4, output_bytes=1 << 16)
+    result = run("blocks = []\nwhile True:\n    blocks.append(bytearray(1 << 22))\n", limits=limits)
     assert result.returncode == 1 and "MemoryError" in result.stderr
 
 

@@ -444,7 +444,8 @@ def test_memory_outside_the_address_space_is_capped(support, kind):
     step_mb, cap_mb = (4, 128) if kind == "memfd" else (1, 48)
     program = (f"import fcntl, os\nheld = 0\nwhile held < 512:\n    {grab}\n    held += {step_mb}\n"
                "    print(held, flush=True)\n")
-    limits = dataclasses.replace(LIMITS, memory_mb=cap_mb, open_files=1024)
+    # CPU budget for slow first-touch page faults on some VMs (~12 ms/MB): the memory cap must bind first
+    limits = dataclasses.replace(LIMITS, memory_mb=cap_mb, open_files=1024, cpu_s=5.0, wall_s=8.0)
     for _ in range(2):  # the second run gets the whole limit again
         result = timed_run(program, limits)
         held = int(result.stdout.split()[-1]) if result.stdout.split() else 0
