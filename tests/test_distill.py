@@ -258,8 +258,11 @@ def test_int32_targets_accepted():
 
 
 def test_auto_is_chunked_on_cpu():
-    assert _resolve_impl("auto", torch.device("cpu"), None) is linear_distill_chunked
-    assert _resolve_impl("naive", torch.device("cpu"), None) is linear_distill_naive
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    assert _resolve_impl("distill", "auto", cpu, None, fp32) is linear_distill_chunked
+    assert _resolve_impl("distill", "naive", cpu, None, fp32) is linear_distill_naive
+    assert _resolve_impl("logprobs", "auto", cpu, None, torch.bfloat16).__name__ == "linear_logprobs_chunked"
+    assert _resolve_impl("logprobs", "naive", cpu, None, fp32).__name__ == "linear_logprobs_naive"
 
 
 class _MaxNumel(TorchDispatchMode):

@@ -216,7 +216,7 @@ def test_rejects_unsupported_inputs(monkeypatch):
     monkeypatch.setattr(api, "_triton_available", lambda: False)
     with pytest.raises(ValueError, match="triton package"):
         linear_distill(hs, ht, w, targets, teacher_weight=wt, impl="triton")
-    assert api._resolve_impl("auto", hs.device, None, hs.dtype).__name__ == "linear_distill_chunked"
+    assert api._resolve_impl("distill", "auto", hs.device, None, hs.dtype).__name__ == "linear_distill_chunked"
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks the CPU-without-interpreter error")
@@ -232,10 +232,10 @@ def test_auto_picks_triton_for_half_precision_on_cuda_only():
     device = torch.device(DEVICE)
     want = "linear_distill_triton" if DEVICE == "cuda" else "linear_distill_chunked"
     for dtype in (torch.bfloat16, torch.float16):
-        assert api._resolve_impl("auto", device, None, dtype).__name__ == want
-    assert api._resolve_impl("auto", device, 3, torch.bfloat16).__name__ == "linear_distill_chunked"
+        assert api._resolve_impl("distill", "auto", device, None, dtype).__name__ == want
+    assert api._resolve_impl("distill", "auto", device, 3, torch.bfloat16).__name__ == "linear_distill_chunked"
     for dtype in (torch.float32, torch.float64):
-        assert api._resolve_impl("auto", device, None, dtype).__name__ == "linear_distill_chunked"
+        assert api._resolve_impl("distill", "auto", device, None, dtype).__name__ == "linear_distill_chunked"
 
 
 def test_custom_op_registration():

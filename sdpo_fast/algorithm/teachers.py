@@ -102,10 +102,13 @@ class Teacher:
 
 
 def lm_head_weight(model: nn.Module) -> torch.Tensor:
-    """The [V, H] output-embedding weight of a Hugging Face causal LM (tied or not)."""
+    """The [V, H] output-embedding weight of a Hugging Face causal LM (tied or not); ValueError when the model
+    has no output embeddings or its head has a bias (the fused ops compute hidden @ weight^T, no bias)."""
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"the LM head of {type(model).__name__} has a bias, which the fused ops do not add")
     return head.weight
 
 

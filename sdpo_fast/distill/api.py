@@ -12,6 +12,7 @@ from sdpo_fast.distill.naive import linear_distill_naive, linear_logprobs_naive
 from sdpo_fast.distill.output import DistillOutput, LogProbOutput
 
 IMPLS = ("naive", "chunked", "triton", "auto")
+IGNORE_INDEX = -100  # the target of a row to skip (PyTorch's cross-entropy convention)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -26,7 +27,7 @@ def linear_distill(
     temperature: float = 1.0,
     topk: int | None = None,
     add_tail: bool = True,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
     adv_clip: float | None = None,
 ) -> DistillOutput:
@@ -62,7 +63,7 @@ def linear_distill(
     if teacher_weight is None:
         teacher_weight = weight
     lead_shape = targets.shape
-    run = _resolve_impl(impl, student_hidden.device, topk, student_hidden.dtype)
+    run = _resolve_impl("distill", impl, student_hidden.device, topk, student_hidden.dtype)
     out = run(
         student_hidden.reshape(-1, weight.shape[1]),
         teacher_hidden.reshape(-1, teacher_weight.shape[1]),
@@ -85,7 +86,7 @@ def linear_logprobs(
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
 ) -> LogProbOutput:
     """Per-token log p(target) and entropy straight from hidden states and the LM head, without logits.
@@ -114,15 +115,7 @@ def linear_logprobs(
     _check_targets_and_devices(targets, hidden=hidden, weight=weight)
     _check_scalars(temperature, ignore_index)
     lead_shape = targets.shape
-    name = _impl_name(impl, hidden.device, None, hidden.dtype)
-    if name == "naive":
-        run = linear_logprobs_naive
-    elif name == "chunked":
-        run = linear_logprobs_chunked
-    else:
-        from sdpo_fast.distill.triton_impl import linear_logprobs_triton  # imports triton lazily
-
-        run = linear_logprobs_triton
+    run = _resolve_impl("logprobs", impl, hidden.device, None, hidden.dtype)
     out = run(
         hidden.reshape(-1, weight.shape[1]),
         weight,
@@ -133,8 +126,9 @@ def linear_logprobs(
     return out.reshape(*lead_shape)
 
 
-def _impl_name(impl: str, device: torch.device, topk: int | None, dtype: torch.dtype) -> str:
-    """"naive", "chunked" or "triton" for `impl`.
+def _resolve_impl(op: str, impl: str, device: torch.device, topk: int | None,
+                  dtype: torch.dtype) -> Callable[..., DistillOutput | LogProbOutput]:
+    """The implementation function of `op` ("distill": `linear_distill`, "logprobs": `linear_logprobs`) for `impl`.
 
     "auto" takes Triton for fp16/bf16 CUDA inputs without `topk` (the kernels cover the full vocabulary
     only), else "chunked" (fp32 too: its GEMMs are cuBLAS fp32, the kernels' fp32 path runs small
@@ -143,23 +137,18 @@ def _impl_name(impl: str, device: torch.device, topk: int | None, dtype: torch.d
     if impl == "auto":
         half = dtype in (torch.float16, torch.bfloat16)
         use_triton = device.type == "cuda" and topk is None and half and _triton_available()
-        return "triton" if use_triton else "chunked"
-    if impl == "triton" and not _triton_available():
+        impl = "triton" if use_triton else "chunked"
+    elif impl == "triton" and not _triton_available():
         raise ValueError("impl='triton' needs the triton package (pip install triton); use impl='chunked'")
-    return impl
+    if impl == "triton":
+        from sdpo_fast.distill import triton_impl  # imports triton lazily
+
+        return getattr(triton_impl, f"linear_{op}_triton")
+    return _TORCH_IMPLS[op, impl]
 
 
-def _resolve_impl(impl: str, device: torch.device, topk: int | None,
-                  dtype: torch.dtype = torch.float32) -> Callable[..., DistillOutput]:
-    """The `linear_distill` implementation function for `impl` (see `_impl_name`)."""
-    name = _impl_name(impl, device, topk, dtype)
-    if name == "naive":
-        return linear_distill_naive
-    if name == "chunked":
-        return linear_distill_chunked
-    from sdpo_fast.distill.triton_impl import linear_distill_triton  # imports triton lazily
-
-    return linear_distill_triton
+_TORCH_IMPLS = {("distill", "naive"): linear_distill_naive, ("distill", "chunked"): linear_distill_chunked,
+                ("logprobs", "naive"): linear_logprobs_naive, ("logprobs", "chunked"): linear_logprobs_chunked}
 
 
 def _triton_available() -> bool:

@@ -23,7 +23,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 from sdpo_fast.algorithm.teachers import lm_head_weight
-from sdpo_fast.distill import LogProbOutput, linear_logprobs
+from sdpo_fast.distill import IGNORE_INDEX, LogProbOutput, linear_logprobs
 
 T = TypeVar("T")
 _HEAD_METHOD = "sdpo_fast_call_with_head"
@@ -36,23 +36,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def head_weight(model: nn.Module) -> torch.Tensor:
-    """The [V, H] weight of the model's output embeddings (tied or not); ValueError if the head has a bias."""
-    module = unwrap(model)
-    weight = lm_head_weight(module)
-    if getattr(module.get_output_embeddings(), "bias", None) is not None:
-        raise ValueError(f"the LM head of {type(module).__name__} has a bias, which the fused ops do not add")
-    return weight
+    """The [V, H] LM-head weight of a model inside any wrapper (`lm_head_weight` of `unwrap(model)`)."""
+    return lm_head_weight(unwrap(model))
 
 
-def gathered(weight: torch.Tensor) -> torch.Tensor:
-    """The full tensor of an FSDP2-sharded (DTensor) weight, the weight itself otherwise.
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached, full copy of an FSDP2-sharded (DTensor) tensor (a collective), else the tensor detached.
 
-    For stop-grad uses only (a separate teacher's head): the gathered copy carries no gradient back to
-    the shards. A trained head goes through `call_with_head` instead.
+    For stop-grad uses only (a separate teacher's head, a rollout engine's weights): the copy carries no
+    gradient back to the shards. A trained head goes through `call_with_head` instead.
     """
     from torch.distributed.tensor import DTensor
 
-    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def call_with_head(model: nn.Module, fn: Callable[..., T], *args, **kwargs) -> T:
@@ -149,7 +146,7 @@ def _check_plain_head(model: nn.Module, last_hidden: torch.Tensor, last_logits: 
         if value is not None and value != neutral:
             raise ValueError(f"{type(module).__name__} post-processes its logits ({key}={value}), which the fused "
                              "ops do not reproduce")
-    weight = gathered(head_weight(module)).detach()
+    weight = gathered(head_weight(module))
     ours = (last_hidden.to(weight.dtype) @ weight.T).float()
     theirs = last_logits.float()
     if not torch.allclose(ours, theirs, rtol=2e-2, atol=2e-2 * (1.0 + float(theirs.abs().max()))):
@@ -181,7 +178,7 @@ def token_logprobs(
     as autocast would run the head); default: the weight's.
     """
     hidden = completion_hidden(model, input_ids, attention_mask, completion_ids.shape[-1], **model_kwargs)
-    targets = completion_ids if completion_mask is None else completion_ids.masked_fill(completion_mask == 0, -100)
+    targets = completion_ids if completion_mask is None else completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
 
     def run(weight: torch.Tensor, hidden: torch.Tensor) -> LogProbOutput:
         weight = weight.to(dtype or weight.dtype)

@@ -26,10 +26,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without TRL
     raise ImportError("sdpo_fast.integrations.trl needs TRL's SDPO trainer: pip install 'sdpo-fast[trl]'") from exc
 
-from sdpo_fast.distill import DistillOutput, linear_distill
+from sdpo_fast.distill import IGNORE_INDEX, DistillOutput, linear_distill
 from sdpo_fast.integrations.hf import call_with_head, completion_hidden, gathered, head_weight, token_logprobs, unwrap
-
-IGNORE_INDEX = -100
 
 
 class FusedSDPOTrainer(SDPOTrainer):
@@ -111,7 +109,7 @@ class FusedSDPOTrainer(SDPOTrainer):
                                                inputs["teacher_attention_mask"], num_tokens)
         # A teacher that is the student itself (live, or PEFT adapters switched above) shares its head.
         separate = unwrap(self.teacher_model) is not unwrap(model)
-        teacher_weight = gathered(head_weight(self.teacher_model)).detach() if separate else None
+        teacher_weight = gathered(head_weight(self.teacher_model)) if separate else None
 
         rows = completion_mask if policy_rows else loss_mask
         targets = completion_ids.masked_fill(rows == 0, IGNORE_INDEX)

@@ -23,6 +23,7 @@ import typeguard
 import yaml
 
 from sdpo_fast.algorithm.config import TEACHER_MODES, LossConfig, RepromptConfig, TeacherMode
+from sdpo_fast.files import plain
 from sdpo_fast.rollout.sampling import SamplingConfig
 
 # KEY VALUE pairs on the command line, also when a YAML file gives the option a default (tyro would
@@ -365,13 +366,4 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
 
 def to_dict(cfg: Any) -> dict:
     """The config as plain YAML-ready data (the inverse of `from_dict`)."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+    return plain(dataclasses.asdict(cfg))

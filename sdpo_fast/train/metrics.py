@@ -44,7 +44,7 @@ class MetricsWriter:
         self._tb = _tensorboard(tensorboard_dir) if tensorboard_dir is not None else None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -121,8 +121,8 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-friendly scalar (tensors and numpy numbers become floats)."""
+def _scalar(value: Any) -> Any:
+    """A JSON-friendly scalar: tensors and numpy numbers become Python numbers."""
     if hasattr(value, "item"):
         return value.item()
     return value

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from sdpo_fast.algorithm.teachers import lm_head_weight
 from sdpo_fast.distill import DistillOutput, LogProbOutput, linear_distill, linear_logprobs
 from sdpo_fast.scoring import PrefixKV, enable_prefix_attention, response_hidden_states
 
@@ -68,8 +69,6 @@ class Policy(nn.Module):
         self.share_prefix = share_prefix
         self.reuse_prefix_kv = reuse_prefix_kv and share_prefix
 
-    def head_weight(self) -> torch.Tensor:
-        return self.lm.get_output_embeddings().weight
 
     def hidden(self, sequences, starts, prefix_kv: PrefixKV | None = None,
                record: PrefixKV | None = None) -> list[torch.Tensor]:
@@ -85,17 +84,17 @@ class Policy(nn.Module):
                 teacher: TeacherBatch | None, distill_kwargs: dict) -> DistillOutput | LogProbOutput:
         """Score one micro-batch: student hidden states (with grad), then the fused op.
 
-        targets: [B, T] response tokens, -100 where there is nothing to score. With a teacher:
+        targets: [B, T] response tokens, IGNORE_INDEX (-100) where there is nothing to score. With a teacher:
         `linear_distill` against the teacher hidden states; without one (GRPO): `linear_logprobs`.
         """
         length = targets.shape[1]
         if teacher is None:
             h_s = pad_rows(self.hidden(sequences, starts), length)
-            return linear_logprobs(h_s, self.head_weight(), targets, temperature=distill_kwargs["temperature"])
+            return linear_logprobs(h_s, lm_head_weight(self.lm), targets, temperature=distill_kwargs["temperature"])
         record = PrefixKV() if self.reuse_prefix_kv and None in teacher.external else None
         h_s = pad_rows(self.hidden(sequences, starts, record=record), length)
         h_t = self._teacher_hidden(teacher, h_s, record)
-        return linear_distill(h_s, h_t, self.head_weight(), targets, teacher_weight=teacher.weight,
+        return linear_distill(h_s, h_t, lm_head_weight(self.lm), targets, teacher_weight=teacher.weight,
                               **distill_kwargs)
 
     @torch.no_grad()
