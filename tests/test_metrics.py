@@ -46,7 +46,7 @@ def test_plot_writes_png_with_present_keys(tmp_path):
 
 
 def test_rollout_metrics_by_hand():
-    from sdpo_fast.train.trainer import rollout_metrics
+    from sdpo_fast.train.metrics import rollout_metrics
 
     m = rollout_metrics([1.0, 1.0, 0.0, 0.5, 0.2, 0.2], [3, 5, 1, 4, 2, 9], [False, True, False, False, False, True],
                         [False, False, True, False, False, False], 2, 0.5)

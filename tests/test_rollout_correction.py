@@ -17,12 +17,13 @@ LENGTHS = (5, 3, 6, 4)  # rollouts 0, 1 answer prompt 0; rollouts 2, 3 prompt 1
 
 
 def make_trainer(tmp_path, algorithm: str):
+    from sdpo_fast.train.evaluate import prompt_ids
     from sdpo_fast.train.trainer import Trainer
 
     trainer = Trainer(parse(TrainConfig, [*ARGS, "--algorithm", algorithm, "--output-dir", str(tmp_path)], prog="t"))
     trainer.evaluator.close()
     messages = [trainer.task.messages(p) for p in trainer.task.batch(1, 2, 0)]
-    prompts = [trainer._prompt_ids(m) for m in messages]
+    prompts = [prompt_ids(trainer.tokenizer, m) for m in messages]
     gen = torch.Generator().manual_seed(0)
     responses = [torch.randint(300, 40000, (n,), generator=gen).tolist() for n in LENGTHS]
     return trainer, messages, prompts, responses
@@ -41,8 +42,11 @@ def trainer_logp(trainer, prompts, responses) -> list[torch.Tensor]:
 
 def loss_of(trainer, messages, prompts, responses, rewards, old):
     trainer.optimizer.zero_grad(set_to_none=True)
+    from sdpo_fast.rollout import Rollouts
+
     feedback = ["Wrong answer."] * len(responses)
-    return trainer._score_and_backward(messages, prompts, responses, rewards, feedback, old)
+    rollouts = Rollouts(prompts, responses, [False] * len(responses), 2, logprobs=old)
+    return trainer._score_and_backward(messages, rollouts, rewards, feedback)
 
 
 def test_sdpo_loss_is_weighted_by_the_truncated_importance_weight(tmp_path):

@@ -44,11 +44,7 @@ class GradedEvaluator:
 def run_trainer(cfg: TrainConfig, graded: bool = True) -> dict:
     from sdpo_fast.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
-    if graded:
-        trainer.evaluator.close()
-        trainer.evaluator = GradedEvaluator()
-    return trainer.fit()
+    return Trainer(cfg, evaluator=GradedEvaluator() if graded else None).fit()
 
 
 @pytest.mark.parametrize("algorithm,teacher", [
@@ -167,27 +163,29 @@ def test_kl_to_the_initial_model_matches_a_direct_formula_and_moves_the_gradient
 
     import torch
 
+    from sdpo_fast.rollout import Rollouts
+    from sdpo_fast.train.evaluate import prompt_ids
     from sdpo_fast.train.trainer import Trainer
 
     coef, temperature = 0.5, 0.7
     cfg = tiny_config(tmp_path, "--algorithm", "grpo", "--loss.kl-coef", str(coef), "--loss.kl-type", kl_type,
                       "--sampling.temperature", str(temperature))
-    trainer = Trainer(cfg)
-    trainer.evaluator.close()
+    trainer = Trainer(cfg, evaluator=GradedEvaluator())
     lm, ref = trainer.policy.lm, trainer.ref_policy.lm
     torch.manual_seed(0)
     with torch.no_grad():  # the policy has moved away from its initial weights (the reference)
         for p in lm.parameters():
             p.add_(0.05 * torch.randn_like(p))
     messages = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "What is 17 - 4?"}]]
-    prompts = [trainer._prompt_ids(m) for m in messages]
+    prompts = [prompt_ids(trainer.tokenizer, m) for m in messages]
     responses = [[311, 12, 913], [14, 1500], [16, 17, 418, 19], [2000]]
     rewards = [1.0, 0.0, 0.5, 0.2]
 
     def step(kl_coef: float):
         trainer.loss_cfg = dataclasses.replace(cfg.loss, kl_coef=kl_coef)
         lm.zero_grad(set_to_none=True)
-        metrics, _ = trainer._score_and_backward(messages, prompts, responses, rewards, [""] * 4)
+        metrics, _ = trainer._score_and_backward(messages, Rollouts(prompts, responses, [False] * 4, 2), rewards,
+                                                 [""] * 4)
         return metrics, [p.grad.clone() for p in lm.parameters()]
 
     def token_logp(model, i):
@@ -206,3 +204,65 @@ def test_kl_to_the_initial_model_matches_a_direct_formula_and_moves_the_gradient
     for a, b, p in zip(g_kl, g_plain, lm.parameters()):
         torch.testing.assert_close(a - b, p.grad, rtol=1e-3, atol=1e-6)
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(g_kl, g_plain))  # the penalty changes the update
+
+
+def test_state_dict_round_trip_gives_the_identical_next_step(tmp_path):
+    """A deep copy of `state_dict()` after one step, loaded back after two more, replays the second step
+    bit for bit: weights, EMA teacher, Adam moments, warm-up schedule, step and random generators."""
+    import copy
+
+    import torch
+
+    from sdpo_fast.train.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, "--max-steps", "3", "--optim.warmup-steps", "3")
+    trainer = Trainer(cfg, evaluator=GradedEvaluator())
+    try:
+        trainer.step = 1
+        trainer.train_step()
+        snapshot = copy.deepcopy(trainer.state_dict())
+        trainer.step += 1
+        first = trainer.train_step()
+        weights = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+        teacher = {k: v.clone() for k, v in trainer.teacher_policy.state_dict().items()}
+        trainer.step += 1
+        trainer.train_step()  # further away from the snapshot
+        trainer.load_state_dict(copy.deepcopy(snapshot))
+        assert trainer.step == 1
+        trainer.step += 1
+        again = trainer.train_step()
+    finally:
+        trainer.close()
+    for key in ("loss", "grad_norm", "lr", "reward/mean", "response/length_mean"):
+        assert again[key] == first[key], key
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.policy.state_dict().items())
+    assert all(torch.equal(v, teacher[k]) for k, v in trainer.teacher_policy.state_dict().items())
+
+
+def test_injected_evaluator_scores_every_response_and_is_closed(tmp_path, monkeypatch):
+    import sdpo_fast.train.trainer as trainer_module
+
+    class Recording(GradedEvaluator):
+        def __init__(self):
+            self.calls, self.closed = [], False
+
+        def evaluate(self, problems, responses):
+            out = super().evaluate(problems, responses)
+            self.calls.append([e.reward for e in out])
+            return out
+
+        def close(self):
+            self.closed = True
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("the trainer built an evaluator pool although one was given")
+
+    monkeypatch.setattr(trainer_module, "BatchEvaluator", no_pool)
+    evaluator = Recording()
+    cfg = tiny_config(tmp_path, "--max-steps", "1", "--keep-checkpoints", "0", "--no-export")
+    trainer_module.Trainer(cfg, evaluator=evaluator).fit()
+    assert evaluator.closed
+    # held-out before (2 problems), the step's 2 prompts x 2 rollouts, held-out after
+    assert [len(c) for c in evaluator.calls] == [2, 4, 2]
+    step = read_metrics(tmp_path / "metrics.jsonl")[1]
+    assert step["reward/mean"] == pytest.approx(sum(evaluator.calls[1]) / 4)

@@ -1,4 +1,4 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+"""Checkpoints with torch.distributed.checkpoint (DCP), written atomically, and the Hugging Face export.
 
 Layout under the checkpoint root:
     step-00000012/    one complete checkpoint: DCP shards + per-rank extras (RNG states, data position)
@@ -8,7 +8,7 @@ Every rank writes into a temporary directory; only when all ranks have finished 
 to its final name and then replace `latest` (both atomic renames). A crash at any point leaves the
 previous checkpoint complete and `latest` pointing at it. A failed write (a full disk, ...) removes the
 temporary directory and raises `CheckpointError` saying what failed, where, and which checkpoint is still
-the latest complete one.
+the latest complete one. `Checkpointer` applies this to a trainer's `state_dict()`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from sdpo_fast.train.parallel import barrier, rank
 
 LATEST = "latest"
+RANK_STATE = "rank"  # the entry of a trainer's state dict that is this rank's own (saved per rank, not by DCP)
 
 
 class CheckpointError(OSError):
     """A checkpoint could not be written; the message names the directory and the checkpoint that remains."""
+
+
+class Checkpointer:
+    """The checkpoints of one run under `root`, the newest `keep` of them kept.
+
+    Saves and loads a trainer's state dict (`Trainer.state_dict`): its RANK_STATE entry (step, random
+    states) is this rank's own and goes to the rank's extras file; every other entry goes through DCP,
+    sharded as the live model and optimizer are. Call both methods on every rank.
+    """
+
+    def __init__(self, root: Path, keep: int):
+        self.root, self.keep = Path(root), keep
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write `state` as the checkpoint of `step`; returns its directory."""
+        shared = {k: v for k, v in state.items() if k != RANK_STATE}
+        return save_checkpoint(self.root, step, shared, state[RANK_STATE], keep=self.keep)
+
+    def load_latest(self, state: dict[str, Any]) -> Path:
+        """Load the latest checkpoint into `state` in place (its tensors give the shapes and shards) and
+        return the checkpoint's directory; ValueError when there is none."""
+        path = latest_checkpoint(self.root)
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint under {self.root}")
+        state[RANK_STATE] = load_checkpoint(path, {k: v for k, v in state.items() if k != RANK_STATE})
+        return path
 
 
 @contextlib.contextmanager
@@ -39,15 +68,6 @@ def _quiet_dcp():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _save_error(exc: BaseException, root: Path, final: Path) -> CheckpointError:
@@ -75,22 +95,22 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], extras: dict[s
     root = Path(root)
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
-    if _rank() == 0:
+    if rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash
-    _barrier()
+    barrier()
     try:
         with _quiet_dcp():
             dcp.save(state, checkpoint_id=str(tmp))
-        torch.save(extras, tmp / f"extras-rank{_rank()}.pt")
+        torch.save(extras, tmp / f"extras-rank{rank()}.pt")
     except (OSError, RuntimeError, CheckpointException) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _save_error(exc, root, final) from None
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         _publish(root, tmp, final)
         _prune(root, step, keep)
-    _barrier()
+    barrier()
     return final
 
 
@@ -130,7 +150,7 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     with _quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
-    extras_file = path / f"extras-rank{_rank()}.pt"
+    extras_file = path / f"extras-rank{rank()}.pt"
     if not extras_file.exists():
         raise FileNotFoundError(f"{extras_file} missing: resume with the world size the checkpoint was saved with")
     return torch.load(extras_file, weights_only=False)
@@ -140,3 +160,19 @@ def _write_latest(root: Path, name: str) -> None:
     tmp = root / f".{LATEST}.tmp"
     tmp.write_text(name + "\n")
     os.replace(tmp, root / LATEST)
+
+
+def export_model(lm: torch.nn.Module, tokenizer, final: Path) -> Path:
+    """`lm` (FSDP2-sharded or not) and its tokenizer as a Hugging Face directory `final`: gathered on every
+    rank, written by rank 0 into a temporary directory beside it and renamed into place."""
+    final = Path(final)
+    full = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() == 0:
+        tmp = final.parent / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(tmp, state_dict=full)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    barrier()
+    return final

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sdpo_fast.files import save_figure, write_atomically
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,26 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def rollout_metrics(rewards: list[float], lengths: list[int], truncated: list[bool], errors: list[bool], group: int,
+                    success_threshold: float) -> dict:
+    """The step's reward and response statistics over all rollouts (consecutive `group` rollouts share a prompt):
+    reward mean/std/min/max, success fraction, fraction of groups whose rewards are all equal (no GRPO signal),
+    response length mean/min/max, truncated fraction, and how many evaluations the environment failed."""
+    r = np.asarray(rewards, dtype=np.float64)
+    n = np.asarray(lengths, dtype=np.float64)
+    groups = r.reshape(-1, group)
+    return {
+        "reward/mean": float(r.mean()), "reward/std": float(r.std()), "reward/min": float(r.min()),
+        "reward/max": float(r.max()),
+        "reward/success_frac": float(np.mean(r >= success_threshold)),
+        "reward/zero_std_group_frac": float(np.mean(groups.max(1) == groups.min(1))),
+        "response/length_mean": float(n.mean()), "response/length_min": float(n.min()),
+        "response/length_max": float(n.max()),
+        "response/truncated_frac": float(np.mean(truncated)),
+        "env/errors": int(sum(errors)),
+    }
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

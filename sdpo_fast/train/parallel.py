@@ -1,17 +1,19 @@
-"""Process group set-up, FSDP2 sharding (fully_shard per decoder layer, then the root), and its inverse:
-full, Hugging Face-named copies of sharded parameters, one at a time (for a rollout engine's weights).
+"""Process group set-up, FSDP2 sharding (fully_shard per decoder layer, then the root), its inverse (full,
+Hugging Face-named copies of sharded parameters, one at a time, for a rollout engine's weights), and the
+reductions over ranks that the trainer's metrics and checkpoints need.
 
 One process without torchrun runs unsharded; under torchrun the backend is NCCL on CUDA and gloo on
 CPU. The root group holds the embeddings, the final norm and the LM head (tied embeddings stay in one
 group), so the fused op must run inside a forward of the root module; see `register_fsdp_forward_method`
-use in the trainer.
+use in the trainer. Every reduction is a no-op without a process group, and under one must be called
+by every rank in the same order.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -19,7 +21,8 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+
+from sdpo_fast.integrations.hf import gathered
 
 # Module-name segments that wrappers insert into parameter names: activation checkpointing
 # (checkpoint_wrapper), FSDP1, torch.compile. FSDP2's fully_shard changes classes in place, not names.
@@ -102,12 +105,6 @@ def hf_param_name(name: str) -> str:
     return name
 
 
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A detached, unsharded copy of a (possibly FSDP2-sharded, i.e. DTensor) tensor; a collective when sharded."""
-    tensor = tensor.detach()
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def full_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, full tensor) for every parameter of `model`, gathered one parameter at a time.
 
@@ -119,4 +116,56 @@ def full_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator
         local = param.detach()
         if dtype is not None:
             local = local.to(dtype)
-        yield hf_param_name(name), full_tensor(local)
+        yield hf_param_name(name), gathered(local)
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _ranks() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def sum_over_ranks(value: float, device: torch.device) -> float:
+    """The sum of every rank's `value` (`device`: where the backend reduces, the GPU under NCCL)."""
+    if _ranks() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The mean over ranks of each value of `metrics` (every rank has the same keys)."""
+    if _ranks() == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / _ranks() for k, v in zip(keys, t.tolist())}
+
+
+def concat_over_ranks(values: list) -> list:
+    """Every rank's `values`, concatenated in rank order."""
+    if _ranks() == 1:
+        return list(values)
+    parts: list = [None] * _ranks()
+    dist.all_gather_object(parts, list(values))
+    return [v for part in parts for v in part]
+
+
+def union_over_ranks(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The union of every rank's `metrics` (keys distinct per rank, e.g. GPU telemetry)."""
+    if _ranks() == 1:
+        return metrics
+    parts: list = [None] * _ranks()
+    dist.all_gather_object(parts, metrics)
+    return {k: v for part in parts for k, v in part.items()}

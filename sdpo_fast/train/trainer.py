@@ -2,8 +2,12 @@
 AdamW -> teacher update, with held-out evaluation, metrics, checkpoints and a Hugging Face export.
 
 One process runs unsharded; under torchrun every rank takes its share of the step's prompts and the
-model is sharded with FSDP2 (see `parallel.py`). Phases are timed (generate / evaluate / score /
-update / weight sync) and logged with the practitioner's metrics and GPU telemetry every step.
+model is sharded with FSDP2 (see `parallel.py`, which also holds the reductions over ranks). Phases are
+timed (generate / evaluate / score / update / weight sync) and logged with the practitioner's metrics and
+GPU telemetry every step. The trainer delegates: the step's batch layout to `batch.py`, the teacher's
+inputs to `teaching.py`, checkpoints and the export to `checkpoint.py`, the run directory to `checks.py`.
+Its `state_dict()` / `load_state_dict()` are everything the next step depends on (checkpoints and
+test-time search use them).
 
 Rollouts come from Hugging Face generate on the policy itself (on-policy), or from a colocated vLLM engine
 (`rollout="vllm"`): the engine sleeps while the trainer scores and updates, gets the new weights after
@@ -14,21 +18,14 @@ of the mismatch between sampler and trainer (see docs/scaling.md).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import logging
-import os
-import random
-import shutil
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -37,33 +34,38 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 from tqdm import tqdm
 
-from sdpo_fast.algorithm import Aggregator, Teacher, TokenBatch, build_teacher_contexts
-from sdpo_fast.algorithm import compute_loss, grpo_advantages
-from sdpo_fast.algorithm.diagnostics import TeacherDiagnostics
+from sdpo_fast.algorithm import Aggregator, Teacher, TokenBatch, compute_loss, grpo_advantages
 from sdpo_fast.algorithm.metrics import Metrics
+from sdpo_fast.distill import IGNORE_INDEX
 from sdpo_fast.envs import BatchEvaluator
-from sdpo_fast.files import write_atomically
 from sdpo_fast.models import check_model, load_model, load_tokenizer
 from sdpo_fast.rollout import Rollouts, VLLMRollout, generate, require_vllm
-from sdpo_fast.train import checkpoint
-from sdpo_fast.train.checks import RUN_FILES, check_output_dir
-from sdpo_fast.train.config import TrainConfig, from_dict, to_dict
+from sdpo_fast.train.batch import collate
+from sdpo_fast.train.checkpoint import RANK_STATE, Checkpointer, export_model
+from sdpo_fast.train.checks import check_output_dir, record_config
+from sdpo_fast.train.config import TrainConfig
 from sdpo_fast.train.data import Task, check_task, load_task
 from sdpo_fast.train.evaluate import eos_ids, heldout_correct, prompt_ids
-from sdpo_fast.train.metrics import MetricsWriter, plot_metrics
-from sdpo_fast.train.parallel import Runtime, full_tensor, full_weights, init_runtime, shard_model
-from sdpo_fast.train.policy import Policy, TeacherBatch, quiet_cache_warning
+from sdpo_fast.train.metrics import MetricsWriter, plot_metrics, rollout_metrics
+from sdpo_fast.train.parallel import (Runtime, barrier, concat_over_ranks, full_weights, init_runtime,
+                                      mean_over_ranks, shard_model, sum_over_ranks, union_over_ranks)
+from sdpo_fast.train.policy import Policy, quiet_cache_warning
+from sdpo_fast.train.rng import rng_state, seed_everything, set_rng_state
+from sdpo_fast.train.teaching import TeacherInputs
 from sdpo_fast.train.telemetry import GPUTelemetry
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 class Trainer:
-    """One training run of `cfg` (see the module docstring)."""
+    """One training run of `cfg` (see the module docstring).
 
-    def __init__(self, cfg: TrainConfig, task: Task | None = None):
-        """`task`: the problems and environment to use instead of loading `cfg.task`."""
+    task: the problems and environment to use instead of loading `cfg.task`. evaluator: scores responses
+    (anything with `evaluate(problems, responses) -> list[Evaluation]` and `close()`) instead of a process
+    pool over the task's environment; the trainer closes it when `fit` ends or on `close()`.
+    """
+
+    def __init__(self, cfg: TrainConfig, task: Task | None = None, evaluator: Any = None):
         check_model(cfg.model)  # before anything loads (the output directory is checked by `fit`)
         if task is None:
             check_task(cfg.task, cfg.task_options, cfg.data)
@@ -75,8 +77,8 @@ class Trainer:
             raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the world size "
                              f"{self.rt.world_size}")
         self.out = Path(cfg.output_dir)
-        self.ckpt_dir = self.out / "checkpoints"
-        _seed_everything(cfg.seed + self.rt.rank)
+        self.checkpoints = Checkpointer(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        seed_everything(cfg.seed + self.rt.rank)
         self.loss_cfg = cfg.loss
         self.tokenizer = load_tokenizer(cfg.model)
         self.task: Task = task or load_task(cfg.task, seed=cfg.seed, heldout_size=max(cfg.eval.problems, 1),
@@ -107,7 +109,8 @@ class Trainer:
                                            betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (o.warmup_steps + 1)) if o.warmup_steps else 1.0)
-        self.evaluator = BatchEvaluator(self.task.env, workers=cfg.env_workers, timeout_s=cfg.env_timeout_s)
+        self.evaluator = evaluator if evaluator is not None else BatchEvaluator(
+            self.task.env, workers=cfg.env_workers, timeout_s=cfg.env_timeout_s)
         self.telemetry = GPUTelemetry(self.rt.device, self.rt.rank)
         self.vllm: VLLMRollout | None = None
         if cfg.rollout == "vllm":
@@ -130,15 +133,19 @@ class Trainer:
                 register_fsdp_forward_method(policy, method)
         return policy
 
+    def close(self) -> None:
+        """Close the evaluator and the vLLM engine (`fit` does it when it ends)."""
+        self.evaluator.close()
+        if self.vllm is not None:
+            self.vllm.close()
+
     # ----------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train for `max_steps`, evaluating before and after; returns the final metrics."""
         try:
             return self._fit()
         finally:
-            self.evaluator.close()
-            if self.vllm is not None:
-                self.vllm.close()
+            self.close()
 
     def _fit(self) -> dict:
         cfg = self.cfg
@@ -148,8 +155,8 @@ class Trainer:
         if cfg.resume:
             self._resume()
         if self.rt.is_main:
-            self._record_config()
-        self._barrier()
+            record_config(cfg, self.step)
+        barrier()
         writer = MetricsWriter(self.out / "metrics.jsonl", tensorboard_dir=self.out / "tensorboard",
                                resume_step=self.step if cfg.resume else None) if self.rt.is_main else None
         summary: dict = {}
@@ -184,26 +191,6 @@ class Trainer:
                          title=f"{self.out.name}: {cfg.algorithm} on {self.task.name}, {cfg.model}")
         return summary
 
-    def _record_config(self) -> None:
-        """Write output_dir/config.yaml (what `--resume` restores). A new run with --overwrite first deletes the
-        previous run's files; a resumed run whose settings changed appends the changes, with the step they
-        apply from, to config_changes.jsonl."""
-        cfg, saved = self.cfg, self.out / "config.yaml"
-        if cfg.overwrite and not cfg.resume:
-            for name in RUN_FILES:
-                path = self.out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        current = to_dict(dataclasses.replace(cfg, resume=False, overwrite=False))
-        if cfg.resume and saved.is_file():
-            before = _flatten(to_dict(from_dict(TrainConfig, yaml.safe_load(saved.read_text()) or {})))
-            changed = {k: [before.get(k), v] for k, v in _flatten(current).items() if before.get(k) != v}
-            if changed:
-                log.info("resuming with changed settings: %s", changed)
-                with open(self.out / "config_changes.jsonl", "a") as f:
-                    f.write(json.dumps({"step": self.step, "changed": changed}) + "\n")
-        write_atomically(saved, yaml.safe_dump(current, sort_keys=False))
-
     # ----------------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
         """One optimizer step on this rank's share of the step's prompts; returns the step's metrics."""
@@ -214,17 +201,15 @@ class Trainer:
         problems = self.task.batch(self.step, cfg.prompts_per_step, cfg.seed)
         problems = problems[self.rt.rank * per_rank:(self.rt.rank + 1) * per_rank]
         messages = [self.task.messages(p) for p in problems]
-        prompts = [self._prompt_ids(m) for m in messages]
-        rollouts = self._generate(prompts)
+        rollouts = self._generate([prompt_ids(self.tokenizer, m) for m in messages])
         t_gen = time.perf_counter()
 
         texts = self.tokenizer.batch_decode(rollouts.responses, skip_special_tokens=True)
-        evals = self.evaluator.evaluate([problems[i // G] for i in range(len(texts))], texts)
+        evals = self.evaluator.evaluate([problems[rollouts.group(i)] for i in range(len(texts))], texts)
         rewards = [e.reward for e in evals]
         t_env = time.perf_counter()
 
-        loss_metrics, loss_value = self._score_and_backward(messages, prompts, rollouts.responses, rewards,
-                                                            [e.feedback for e in evals], rollouts.logprobs)
+        loss_metrics, loss_value = self._score_and_backward(messages, rollouts, rewards, [e.feedback for e in evals])
         t_score = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses (the scheduler then moves on)
         grad_norm = self._optimizer_step()
@@ -233,26 +218,25 @@ class Trainer:
         t_end = time.perf_counter()
 
         lengths = [len(r) for r in rollouts.responses]
-        tokens = sum(lengths) + sum(len(prompts[i // G]) for i in range(len(lengths)))
-        local = {"loss": loss_value, **loss_metrics}
-        metrics = self._mean_over_ranks(local)
-        metrics.update(rollout_metrics(self._concat_over_ranks(rewards), self._concat_over_ranks(lengths),
-                                       self._concat_over_ranks(list(rollouts.truncated)),
-                                       self._concat_over_ranks(["error" in e.details for e in evals]), G,
+        tokens = sum(lengths) + sum(len(s) for s in rollouts.prompts) * G
+        metrics = mean_over_ranks({"loss": loss_value, **loss_metrics}, self.rt.device)
+        metrics.update(rollout_metrics(concat_over_ranks(rewards), concat_over_ranks(lengths),
+                                       concat_over_ranks(list(rollouts.truncated)),
+                                       concat_over_ranks(["error" in e.details for e in evals]), G,
                                        cfg.reprompt.success_reward_threshold))
         metrics.update({
             "grad_norm": float(grad_norm),
             "lr": lr,
             "samples": self.step * cfg.prompts_per_step * G,
-            "time/elapsed_s": self.elapsed_before + time.perf_counter() - self.started,
-            "throughput/tokens_per_s": self._sum_over_ranks(tokens) / (t_end - t0),
+            "time/elapsed_s": self._elapsed(),
+            "throughput/tokens_per_s": sum_over_ranks(tokens, self.rt.device) / (t_end - t0),
             "time/generate_s": t_gen - t0,
             "time/evaluate_s": t_env - t_gen,
             "time/score_s": t_score - t_env,
             "time/update_s": t_update - t_score,
             "time/step_s": t_end - t0,
             **({"time/weight_sync_s": t_end - t_update} if self.vllm is not None else {}),
-            **self._gather_over_ranks(self.telemetry.end()),
+            **union_over_ranks(self.telemetry.end()),
         })
         return metrics
 
@@ -264,20 +248,11 @@ class Trainer:
             raise ValueError(f"update needs rollouts_per_prompt={self.cfg.rollouts_per_prompt} responses per "
                              f"prompt and one chat per prompt, got {len(responses)} responses, {len(prompts)} "
                              f"prompts, {len(messages)} chats")
-        metrics, loss = self._score_and_backward(messages, prompts, responses, rewards, feedback)
+        rollouts = Rollouts(prompts, responses, [False] * len(responses), self.cfg.rollouts_per_prompt)
+        metrics, loss = self._score_and_backward(messages, rollouts, rewards, feedback)
         grad_norm = float(self._optimizer_step())
         self._sync_rollout_weights()
         return {**metrics, "loss": loss, "grad_norm": grad_norm}
-
-    def _optimizer_step(self) -> torch.Tensor:
-        """Clip, step, schedule, zero the gradients, move the teacher; returns the pre-clip grad norm."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.teacher is not None:
-            self.teacher.after_step()
-        return grad_norm
 
     def _generate(self, prompts: list[list[int]]) -> Rollouts:
         """This rank's rollouts: vLLM (then put to sleep until the next weight push) or HF generate."""
@@ -292,106 +267,75 @@ class Trainer:
         _reshard(self.policy)
         return rollouts
 
-    def _sync_rollout_weights(self) -> None:
-        """Push the policy's weights into the vLLM engine, one gathered parameter at a time (no-op with HF)."""
-        if self.vllm is not None:
-            self.vllm.load_weights(full_weights(self.policy.lm, dtype=getattr(torch, self.cfg.vllm.dtype)))
-
-    def _score_and_backward(self, messages, prompts, responses, rewards, feedback,
-                            rollout_logp: list[torch.Tensor] | None = None) -> tuple[dict, float]:
+    def _score_and_backward(self, messages, rollouts: Rollouts, rewards, feedback) -> tuple[dict, float]:
         """Teacher contexts, micro-batched scoring with the fused op, and backward; returns (metrics, loss).
 
-        rollout_logp: the sampler's per-token log-probs of each response (vLLM), the loss's `old_logp`;
-        None: the responses are on-policy (HF generate from this very policy).
+        `rollouts.logprobs`: the sampler's per-token log-probs of each response (vLLM), the loss's
+        `old_logp`; None: the responses are on-policy (HF generate from this very policy).
         """
-        cfg, G, lcfg = self.cfg, self.cfg.rollouts_per_prompt, self.loss_cfg
-        n = len(responses)
-        groups = [self.rt.rank * 1_000_000 + i // G for i in range(n)]
-        width = max(len(r) for r in responses)
-        targets = torch.full((n, width), IGNORE, dtype=torch.long)
-        for i, r in enumerate(responses):
-            targets[i, : len(r)] = torch.tensor(r)
-        response_mask = targets != IGNORE
-        old_logp = None
-        if rollout_logp is not None:
-            old_logp = torch.zeros(n, width)
-            for i, lp in enumerate(rollout_logp):
-                if lp.shape != (len(responses[i]),):
-                    raise ValueError(f"rollout log-probs of response {i} have shape {tuple(lp.shape)}, expected "
-                                     f"({len(responses[i])},)")
-                old_logp[i, : len(lp)] = lp
-
-        ctx, extra = None, {}
-        if self.teacher is not None:
-            ctx = build_teacher_contexts(self.tokenizer, [messages[i // G] for i in range(n)], responses, rewards,
-                                         groups, feedback, self.reprompt)
-            extra = ctx.metrics()
-            diagnostics = TeacherDiagnostics(self.tokenizer, responses, ctx)
-        mask = lcfg.loss_mask(response_mask, ctx.mask if ctx is not None else None)
+        cfg, lcfg, dev = self.cfg, self.loss_cfg, self.rt.device
+        batch = collate(rollouts, self.rt.rank)
+        teacher = (TeacherInputs(self.teacher, self.policy, self.teacher_policy, self.tokenizer, self.reprompt,
+                                 messages, batch, rewards, feedback) if self.teacher is not None else None)
+        sd_mask = teacher.contexts.mask if teacher is not None else None
+        mask = lcfg.loss_mask(batch.response_mask, sd_mask)
         group = dist.group.WORLD if self.rt.world_size > 1 else None
         agg = Aggregator.for_batch(mask, lcfg.agg_mode, norm_length=cfg.sampling.max_new_tokens, process_group=group)
-        advantages = (grpo_advantages(rewards, groups, norm_by_std=cfg.loss.grpo_norm_by_std)
+        advantages = (grpo_advantages(rewards, batch.groups, norm_by_std=lcfg.grpo_norm_by_std)
                       if lcfg.mode in ("grpo", "blend") else None)
-        op_targets = torch.where(mask, targets, IGNORE).to(self.rt.device)
+        targets = torch.where(mask, batch.targets, IGNORE_INDEX).to(dev)
         distill = dict(temperature=cfg.sampling.temperature, **lcfg.distill_kwargs())
-        teacher_head = self._teacher_head()
-        teacher_index = {row: k for k, row in enumerate(ctx.rows)} if ctx is not None else {}
 
         metrics, total = Metrics(), 0.0
-        for lo in range(0, n, cfg.micro_batch_size):
-            rows = list(range(lo, min(n, lo + cfg.micro_batch_size)))
-            seqs = [prompts[i // G] + responses[i] for i in rows]
-            starts = [len(prompts[i // G]) for i in rows]
-            teacher = self._teacher_batch(ctx, teacher_index, rows, teacher_head) if self.teacher else None
-            out = self.policy(seqs, starts, op_targets[rows], teacher, distill)
-            dev = self.rt.device
-            common = dict(advantages=advantages[rows].to(dev) if advantages is not None else None,
-                          old_logp=old_logp[rows].to(dev) if old_logp is not None else None,
-                          ref_logp=self._reference_logp(seqs, starts, op_targets[rows], distill))
+        for rows in batch.micro_batches(cfg.micro_batch_size):
+            seqs, starts = batch.sequences(rows), batch.starts(rows)
+            teacher_batch = teacher.batch(rows) if teacher is not None else None
+            out = self.policy(seqs, starts, targets[rows], teacher_batch, distill)
+            common = dict(advantages=_rows(advantages, rows, dev), old_logp=_rows(batch.old_logp, rows, dev),
+                          ref_logp=self._reference_logp(seqs, starts, targets[rows], distill["temperature"]))
             if teacher is None:
-                batch = TokenBatch(mask=mask[rows].to(dev), student_logp=out.logp, entropy=out.entropy, **common)
+                token_batch = TokenBatch(mask=mask[rows].to(dev), student_logp=out.logp, entropy=out.entropy,
+                                         **common)
             else:
-                batch = TokenBatch.from_distill(out, mask[rows].to(dev), sd_mask=ctx.mask[rows].to(dev), **common)
-                diagnostics.add(rows, out, batch.mask)
-            loss = compute_loss(lcfg, agg, batch, metrics)
-            if batch.old_logp is not None:
-                metrics.add("rollout/logp_abs_diff", (batch.student_logp - batch.old_logp).abs(), batch.mask)
+                token_batch = TokenBatch.from_distill(out, mask[rows].to(dev), sd_mask=sd_mask[rows].to(dev),
+                                                      **common)
+                teacher.diagnostics.add(rows, out, token_batch.mask)
+            loss = compute_loss(lcfg, agg, token_batch, metrics)
+            if token_batch.old_logp is not None:
+                metrics.add("rollout/logp_abs_diff", (token_batch.student_logp - token_batch.old_logp).abs(),
+                            token_batch.mask)
             loss.backward()
             total += float(loss.detach())
         if self.teacher_policy is not None:
             _reshard(self.teacher_policy)
         if self.ref_policy is not None and self.ref_policy is not self.teacher_policy:
             _reshard(self.ref_policy)
-        return {**extra, **metrics.summary(), **(diagnostics.metrics() if ctx is not None else {})}, total
+        if teacher is None:
+            return metrics.summary(), total
+        return {**teacher.contexts.metrics(), **metrics.summary(), **teacher.diagnostics.metrics()}, total
 
     @torch.no_grad()
-    def _reference_logp(self, seqs, starts, targets: torch.Tensor, distill: dict) -> torch.Tensor | None:
+    def _reference_logp(self, seqs, starts, targets: torch.Tensor, temperature: float) -> torch.Tensor | None:
         """log p_ref(y_t) of the sampled tokens under the frozen initial model (at the sampling temperature, as
         the policy's), for the KL penalty; None without one."""
         if self.ref_policy is None:
             return None
-        return self.ref_policy(seqs, starts, targets, None, {"temperature": distill["temperature"]}).logp
+        return self.ref_policy(seqs, starts, targets, None, {"temperature": temperature}).logp
 
-    def _teacher_head(self) -> torch.Tensor | None:
-        """The teacher's LM head for this step (gathered once when sharded)."""
-        if self.teacher is None:
-            return None
-        heads = [full_tensor(m.get_output_embeddings().weight) for m in self.teacher.scoring_models]
-        return self.teacher.teacher_head(heads)
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, step, schedule, zero the gradients, move the teacher; returns the pre-clip grad norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.teacher is not None:
+            self.teacher.after_step()
+        return grad_norm
 
-    @torch.no_grad()
-    def _teacher_batch(self, ctx, teacher_index: dict, rows: list[int], head) -> TeacherBatch:
-        local = [j for j, i in enumerate(rows) if i in teacher_index]
-        seqs = [ctx.input_ids[teacher_index[rows[j]]] for j in local]
-        starts = [ctx.response_start[teacher_index[rows[j]]] for j in local]
-        external = []
-        for model in self.teacher.scoring_models:
-            if model is self.policy.lm:
-                external.append(None)  # live: computed inside the policy's forward, continuing its prompt KV
-            else:
-                external.append(self.teacher_policy.hidden(seqs, starts) if seqs else [])
-        return TeacherBatch(rows=local, sequences=seqs, starts=starts, external=external,
-                            combine=self.teacher.teacher_hidden, weight=head)
+    def _sync_rollout_weights(self) -> None:
+        """Push the policy's weights into the vLLM engine, one gathered parameter at a time (no-op with HF)."""
+        if self.vllm is not None:
+            self.vllm.load_weights(full_weights(self.policy.lm, dtype=getattr(torch, self.cfg.vllm.dtype)))
 
     # ----------------------------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -403,96 +347,66 @@ class Trainer:
             max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
             batch_size=cfg.generation_batch_size)
         _reshard(self.policy)
-        return self._sum_over_ranks(correct) / max(len(problems), 1)
+        return sum_over_ranks(correct, self.rt.device) / max(len(problems), 1)
 
     # ----------------------------------------------------------------------------------------------------
-    def _state(self) -> dict:
-        state = {"model": get_model_state_dict(self.policy),
-                 "optim": get_optimizer_state_dict(self.policy, self.optimizer),
-                 "scheduler": self.scheduler.state_dict()}
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step depends on: "model", "optim", "scheduler" and, with a teacher of its own
+        weights, "teacher" (DCP state dicts, sharded under FSDP2), and under RANK_STATE this rank's step,
+        training time so far and random-generator states. Tensors may share storage with the live ones (as
+        `nn.Module.state_dict`'s do): deep-copy the dict to keep a snapshot. Call on every rank."""
+        unstepped = not self.optimizer.state
+        optim = get_optimizer_state_dict(self.policy, self.optimizer)
+        if unstepped:  # reading it gave the optimizer a zero step (step count 1), which would change the first
+            self.optimizer.state.clear()  # update's bias correction: an unstepped optimizer stays without state
+            optim["state"] = {}
+        state = {"model": get_model_state_dict(self.policy), "optim": optim, "scheduler": self.scheduler.state_dict()}
         if self.teacher_policy is not None:
             state["teacher"] = get_model_state_dict(self.teacher_policy)
+        state[RANK_STATE] = {"step": self.step, "elapsed_s": self._elapsed(), **rng_state()}
         return state
 
-    def save(self) -> Path:
-        extras = {"step": self.step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                  "numpy_rng": np.random.get_state(),
-                  "elapsed_s": self.elapsed_before + time.perf_counter() - self.started}
-        return checkpoint.save_checkpoint(self.ckpt_dir, self.step, self._state(), extras,
-                                          keep=self.cfg.keep_checkpoints)
-
-    def _resume(self) -> None:
-        path = checkpoint.latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            raise ValueError(f"--resume: no checkpoint under {self.ckpt_dir}")
-        state = self._state()
-        extras = checkpoint.load_checkpoint(path, state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()` (of this run or an identically configured one): weights, optimizer
+        (gradients dropped), scheduler, teacher, step, training time and random generators; the rollout
+        engine gets the weights. Call on every rank."""
         set_model_state_dict(self.policy, state["model"])
         set_optimizer_state_dict(self.policy, self.optimizer, state["optim"])
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher_policy is not None:
             set_model_state_dict(self.teacher_policy, state["teacher"])
-        torch.set_rng_state(extras["torch_rng"])
-        random.setstate(extras["python_rng"])
-        np.random.set_state(extras["numpy_rng"])
-        self.step = extras["step"]
-        self.elapsed_before = extras.get("elapsed_s", 0.0)
+        progress = state[RANK_STATE]
+        set_rng_state(progress)
+        self.step = progress["step"]
+        self.elapsed_before = progress.get("elapsed_s", 0.0)
         self.started = time.perf_counter()
         self._sync_rollout_weights()
+
+    def save(self) -> Path:
+        """A checkpoint of the current state under output_dir/checkpoints; returns its directory."""
+        return self.checkpoints.save(self.step, self.state_dict())
+
+    def _resume(self) -> None:
+        state = self.state_dict()
+        # the loading template needs the optimizer's state tensors: reading them initialises an unstepped
+        # optimizer's (the checkpoint then overwrites them)
+        state["optim"] = get_optimizer_state_dict(self.policy, self.optimizer)
+        path = self.checkpoints.load_latest(state)
+        self.load_state_dict(state)
         log.info("resumed from %s at step %d", path, self.step)
 
     def export(self) -> Path:
         """The trained model as a Hugging Face directory (output_dir/model), written atomically."""
-        final = self.out / "model"
-        full = get_model_state_dict(self.policy.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rt.is_main:
-            tmp = self.out / ".model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.policy.lm.save_pretrained(tmp, state_dict=full)
-            self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        self._barrier()
-        return final
+        return export_model(self.policy.lm, self.tokenizer, self.out / "model")
 
-    # ----------------------------------------------------------------------------------------------------
-    def _prompt_ids(self, messages: list[dict]) -> list[int]:
-        return prompt_ids(self.tokenizer, messages)
+    def _elapsed(self) -> float:
+        """Training time of the run so far, resumed runs included."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
-    def _barrier(self) -> None:
-        if self.rt.world_size > 1:
-            dist.barrier()
 
-    def _sum_over_ranks(self, value: float) -> float:
-        if self.rt.world_size == 1:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.rt.device)
-        dist.all_reduce(t)
-        return float(t)
-
-    def _concat_over_ranks(self, values: list) -> list:
-        """Every rank's `values`, concatenated in rank order (groups stay whole: each rank has its own)."""
-        if self.rt.world_size == 1:
-            return list(values)
-        parts: list = [None] * self.rt.world_size
-        dist.all_gather_object(parts, list(values))
-        return [v for part in parts for v in part]
-
-    def _gather_over_ranks(self, metrics: dict) -> dict:
-        """The union of every rank's `metrics` (keys distinct per rank, e.g. GPU telemetry)."""
-        if self.rt.world_size == 1:
-            return metrics
-        parts: list = [None] * self.rt.world_size
-        dist.all_gather_object(parts, metrics)
-        return {k: v for part in parts for k, v in part.items()}
-
-    def _mean_over_ranks(self, metrics: dict) -> dict:
-        if self.rt.world_size == 1:
-            return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.rt.device)
-        dist.all_reduce(t)
-        return {k: float(v) / self.rt.world_size for k, v in zip(keys, t.tolist())}
+def _rows(values: torch.Tensor | None, rows: list[int], device: torch.device) -> torch.Tensor | None:
+    return values[rows].to(device) if values is not None else None
 
 
 def _reshard(policy: Policy) -> None:
@@ -501,41 +415,3 @@ def _reshard(policy: Policy) -> None:
     behind for the EMA update and the checkpoint."""
     if isinstance(policy, FSDPModule):
         policy.reshard()
-
-
-def rollout_metrics(rewards: list[float], lengths: list[int], truncated: list[bool], errors: list[bool], group: int,
-                    success_threshold: float) -> dict:
-    """The step's reward and response statistics over all rollouts (consecutive `group` rollouts share a prompt):
-    reward mean/std/min/max, success fraction, fraction of groups whose rewards are all equal (no GRPO signal),
-    response length mean/min/max, truncated fraction, and how many evaluations the environment failed."""
-    r = np.asarray(rewards, dtype=np.float64)
-    n = np.asarray(lengths, dtype=np.float64)
-    groups = r.reshape(-1, group)
-    return {
-        "reward/mean": float(r.mean()), "reward/std": float(r.std()), "reward/min": float(r.min()),
-        "reward/max": float(r.max()),
-        "reward/success_frac": float(np.mean(r >= success_threshold)),
-        "reward/zero_std_group_frac": float(np.mean(groups.max(1) == groups.min(1))),
-        "response/length_mean": float(n.mean()), "response/length_min": float(n.min()),
-        "response/length_max": float(n.max()),
-        "response/truncated_frac": float(np.mean(truncated)),
-        "env/errors": int(sum(errors)),
-    }
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """{"loss.alpha": 0.5, ...} from nested mappings."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "task_options" and key != "chat_template_kwargs":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-

@@ -11,8 +11,8 @@ every check passes); it stops without one when `budget` attempts are spent.
 - "multi-turn": `batch` conversations; after a failed attempt, its feedback goes into the conversation
   as the next user turn and the model answers again (the last `history` attempts stay in context).
 
-A `Searcher` holds one model and restores its weights, teacher, optimizer and scheduler to their initial
-state before every search, so searches on different problems (or seeds) do not leak into each other.
+A `Searcher` holds one model and restores its trainer's state (weights, teacher, optimizer, scheduler) to
+the initial one before every search, so searches on different problems (or seeds) do not leak into each other.
 All methods draw their first round alike (initial weights, the seed's first draws): with equal seeds
 they share it, and the searcher samples it once.
 """
@@ -33,7 +33,8 @@ from sdpo_fast.files import write_atomically
 from sdpo_fast.rollout import generate
 from sdpo_fast.train.data import Task
 from sdpo_fast.train.evaluate import prompt_ids
-from sdpo_fast.train.trainer import Trainer, _seed_everything
+from sdpo_fast.train.rng import seed_everything
+from sdpo_fast.train.trainer import Trainer
 from sdpo_fast.ttsd.config import METHODS, Method, SearchOptions, TTSDConfig
 from sdpo_fast.ttsd.problems import problem_of
 
@@ -69,18 +70,16 @@ class Searcher:
 
     def __init__(self, options: SearchOptions, env: Environment, evaluator=None):
         self.options = options
-        self.trainer = Trainer(options.train_config(), task=Task("ttsd", [], [], env))
+        self.trainer = Trainer(options.train_config(), task=Task("ttsd", [], [], env), evaluator=evaluator)
         if self.trainer.rt.world_size != 1:
+            self.trainer.close()
             raise ValueError("test-time search runs in one process; do not launch it with torchrun")
-        if evaluator is not None:
-            self.trainer.evaluator.close()
-            self.trainer.evaluator = evaluator
         self.tokenizer = self.trainer.tokenizer
-        self._initial = _snapshot(self.trainer)
+        self._initial = copy.deepcopy(self.trainer.state_dict())
         self._cached_round: tuple | None = None  # see `_first_round`
 
     def close(self) -> None:
-        self.trainer.evaluator.close()
+        self.trainer.close()
 
     def __enter__(self) -> Searcher:
         return self
@@ -89,14 +88,8 @@ class Searcher:
         self.close()
 
     def restore(self) -> None:
-        """Weights, teacher, optimizer and scheduler back to their state when the searcher was built."""
-        t, snap = self.trainer, self._initial
-        t.policy.load_state_dict(snap["model"])
-        if t.teacher_policy is not None:  # every teacher with own weights starts as a copy of the policy
-            t.teacher_policy.load_state_dict(snap["model"])
-        t.optimizer.load_state_dict(copy.deepcopy(snap["optim"]))
-        t.scheduler.load_state_dict(snap["scheduler"])
-        t.optimizer.zero_grad(set_to_none=True)
+        """The trainer (weights, teacher, optimizer, scheduler) back to its state when the searcher was built."""
+        self.trainer.load_state_dict(copy.deepcopy(self._initial))
 
     def search(self, problem: dict, method: Method, seed: int = 0,
                on_round: Callable[[dict], None] | None = None) -> SearchResult:
@@ -104,7 +97,7 @@ class Searcher:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.restore()
-        _seed_everything(seed)
+        seed_everything(seed)
         opts, t = self.options, self.trainer
         start = time.perf_counter()
         question = t.task.messages(problem)
@@ -170,13 +163,6 @@ class Searcher:
 
 def _retry_message(feedback: str) -> str:
     return RETRY_TEMPLATE.format(feedback_raw=feedback.strip() or NO_FEEDBACK)
-
-
-def _snapshot(trainer) -> dict:
-    """Copies of the initial weights, optimizer and scheduler state (the teacher starts as the weights)."""
-    return {"model": {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()},
-            "optim": copy.deepcopy(trainer.optimizer.state_dict()),
-            "scheduler": copy.deepcopy(trainer.scheduler.state_dict())}
 
 
 def run_ttsd(cfg: TTSDConfig, evaluator=None) -> SearchResult:
