@@ -118,3 +118,19 @@ def test_full_disk_names_the_failure_and_the_remaining_checkpoint(tmp_path, monk
     assert info.value.errno == errno.ENOSPC
     assert not list(tmp_path.glob(".tmp-*"))  # the partial directory is gone
     assert ckpt.latest_checkpoint(tmp_path) == ckpt.step_dir(tmp_path, 1)
+
+
+def test_checkpointer_saves_the_rank_entry_per_rank_and_the_rest_with_dcp(tmp_path):
+    model, opt = _state(0)
+    manager = ckpt.Checkpointer(tmp_path, keep=1)
+    with pytest.raises(ValueError, match="no checkpoint under"):
+        manager.load_latest({**_app_state(model, opt), ckpt.RANK_STATE: {}})
+    for step in (1, 2):
+        path = manager.save(step, {**_app_state(model, opt), ckpt.RANK_STATE: {"step": step}})
+    assert path == ckpt.step_dir(tmp_path, 2) and sorted(p.name for p in tmp_path.glob("step-*")) == [path.name]
+    assert torch.load(path / "extras-rank0.pt") == {"step": 2}  # the rank's own file, not a DCP entry
+    fresh, fresh_opt = _state(7)
+    state = {**_app_state(fresh, fresh_opt), ckpt.RANK_STATE: {"step": 0}}
+    assert manager.load_latest(state) == path
+    fresh.load_state_dict(state["model"])
+    assert state[ckpt.RANK_STATE] == {"step": 2} and torch.equal(fresh.weight, model.weight)

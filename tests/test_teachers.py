@@ -105,6 +105,9 @@ def test_lm_head_weight_of_a_causal_lm():
     model = tiny_random_model(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1)
     assert lm_head_weight(model) is model.get_input_embeddings().weight  # tied
     assert lm_head_weight(model).shape == (97, 16)
+    model.lm_head.bias = nn.Parameter(torch.zeros(97))  # the fused ops compute hidden @ weight^T only
+    with pytest.raises(ValueError, match="has a bias"):
+        lm_head_weight(model)
 
 
 def test_ema_update_and_frozen_teacher_after_step():

@@ -178,7 +178,8 @@ def token_logprobs(
     as autocast would run the head); default: the weight's.
     """
     hidden = completion_hidden(model, input_ids, attention_mask, completion_ids.shape[-1], **model_kwargs)
-    targets = completion_ids if completion_mask is None else completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX)
+    targets = (completion_ids if completion_mask is None
+               else completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX))
 
     def run(weight: torch.Tensor, hidden: torch.Tensor) -> LogProbOutput:
         weight = weight.to(dtype or weight.dtype)

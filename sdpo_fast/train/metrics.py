@@ -1,5 +1,5 @@
-"""Per-step metrics: a JSONL file (always), TensorBoard (when installed: `pip install 'sdpo-fast[tensorboard]'`),
-and a PNG plot of the curves."""
+"""Per-step metrics: the step's reward and response statistics, a JSONL file (always), TensorBoard (when
+installed: `pip install 'sdpo-fast[tensorboard]'`), and a PNG plot of the curves."""
 
 from __future__ import annotations
 

@@ -51,29 +51,28 @@ def run_preflight(cfg: TrainConfig) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, seed=cfg.seed).to(device).eval()
     task = load_task(cfg.task, seed=cfg.seed, heldout_size=1, options=cfg.task_options)
-    G = cfg.rollouts_per_prompt
     problems = task.batch(1, cfg.prompts_per_step, cfg.seed)
     messages = [task.messages(p) for p in problems]
     prompts = [prompt_ids(tokenizer, m) for m in messages]
     sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p)
-    rollouts = generate(model, prompts, G, sampling, eos_token_ids=eos_ids(tokenizer),
+    rollouts = generate(model, prompts, cfg.rollouts_per_prompt, sampling, eos_token_ids=eos_ids(tokenizer),
                         pad_token_id=tokenizer.pad_token_id, batch_size=cfg.generation_batch_size)
     responses = rollouts.responses
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    evals = [task.env.evaluate(problems[i // G], text) for i, text in enumerate(texts)]
+    groups = [rollouts.group(i) for i in range(len(responses))]  # the prompt each rollout answers
+    evals = [task.env.evaluate(problems[g], text) for g, text in zip(groups, texts)]
     rewards = [e.reward for e in evals]
-    ctx = build_teacher_contexts(tokenizer, [messages[i // G] for i in range(len(responses))], responses, rewards,
-                                 [i // G for i in range(len(responses))], [e.feedback for e in evals],
-                                 RepromptConfig(**asdict(cfg.reprompt)))
+    ctx = build_teacher_contexts(tokenizer, [messages[g] for g in groups], responses, rewards, groups,
+                                 [e.feedback for e in evals], RepromptConfig(**asdict(cfg.reprompt)))
 
     scores: dict[int, RolloutScores] = {}
     gains, teacher_lp, student_lp = [], [], []
     for k, i in enumerate(ctx.rows):
-        student_prompt, teacher_prompt = prompts[i // G], ctx.input_ids[k][: ctx.response_start[k]]
+        student_prompt, teacher_prompt = prompts[groups[i]], ctx.input_ids[k][: ctx.response_start[k]]
         out = _score(model, cfg, student_prompt, teacher_prompt, responses[i])
         answer = answer_token_mask(tokenizer, responses[i])
         scores[i] = RolloutScores(out.advantage.cpu(), out.divergence.cpu(), answer)
-        correct = problems[i // G].get("answer")
+        correct = problems[groups[i]].get("answer")
         span = answer_char_span(texts[i])
         if ctx.success[i] or correct is None or span is None:
             continue
