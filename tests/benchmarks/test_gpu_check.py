@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
+
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 

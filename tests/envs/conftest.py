@@ -1,4 +1,5 @@
-"""Environments that misbehave on purpose, for the batch-evaluation tests (importable by workers)."""
+"""Shared helpers of the environment tests: an environment that misbehaves on purpose (a module-level class,
+so the batch evaluator's forkserver workers can import it)."""
 
 import os
 import time

@@ -1,15 +1,12 @@
 """BatchEvaluator: order, parallelism, and isolation of crashing, hanging and raising items."""
 
 import os
-import sys
 import uuid
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from envs_helpers import ScriptedEnv  # noqa: E402
-
-from sdpo_fast.envs import BatchEvaluator, CodeEnv, Limits, evaluate_batch  # noqa: E402
+from sdpo_fast.envs import BatchEvaluator, CodeEnv, Limits, evaluate_batch
+from tests.envs.conftest import ScriptedEnv
 
 
 def test_results_in_order_and_failures_isolated():

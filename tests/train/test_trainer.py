@@ -17,6 +17,7 @@ import pytest
 from sdpo_fast.cli import parse
 from sdpo_fast.train.config import TrainConfig
 from sdpo_fast.train.metrics import read_metrics
+from tests.conftest import REPO
 
 TINY = ["--model", "tiny-random", "--task", "arithmetic", "--prompts-per-step", "2", "--rollouts-per-prompt",
         "2", "--micro-batch-size", "3", "--sampling.max-new-tokens", "6", "--eval.problems", "2",
@@ -126,8 +127,7 @@ def test_config_file_with_overrides_and_unknown_keys(tmp_path):
 def test_demo_config_is_valid_and_builds_its_task():
     from sdpo_fast.train.data import load_task
 
-    root = Path(__file__).resolve().parents[1]
-    cfg = parse(TrainConfig, ["--config", str(root / "configs" / "demo.yaml")], prog="t")
+    cfg = parse(TrainConfig, ["--config", str(REPO / "configs" / "demo.yaml")], prog="t")
     assert cfg.model == "smollm2-135m" and cfg.reprompt.include_environment_feedback is False
     task = load_task(cfg.task, seed=cfg.seed, heldout_size=cfg.eval.problems, options=cfg.task_options)
     assert len(task.heldout) == cfg.eval.problems  # the demo evaluates every problem it asks for

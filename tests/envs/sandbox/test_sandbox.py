@@ -12,6 +12,7 @@ import pytest
 
 from sdpo_fast.envs.sandbox import Limits, Sandbox, isolation_support, run_stdio
 from sdpo_fast.envs.sandbox.slots import pids_of_uid
+from tests.conftest import REPO
 
 LIMITS = Limits(cpu_s=1.0, wall_s=2.0, memory_mb=256, processes=6, file_mb=4, output_bytes=1 << 16)
 ROOT = os.geteuid() == 0
@@ -210,7 +211,7 @@ def test_unprivileged_evaluator_degrades_safely():
 
     if not ROOT or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"):
         pytest.skip("needs root, setpriv and /usr/bin/python3 to start an unprivileged evaluator")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = str(REPO)
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"]
     readable = f"open({os.path.join(repo, 'sdpo_fast', 'envs', 'sandbox', '__init__.py')!r}).read()"
     if subprocess.run(as_nobody + [readable], capture_output=True).returncode != 0:
