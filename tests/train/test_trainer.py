@@ -70,9 +70,9 @@ def test_one_step_of_every_algorithm_and_teacher(tmp_path, algorithm, teacher):
     # and only a reward of 1 is a solved problem
     assert summary["eval/accuracy_before"] == records[0]["eval/accuracy"] == 0.0
     assert summary["eval/accuracy"] == step["eval/accuracy"] == 0.0
-    assert (tmp_path / "curves.png").is_file()
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "model" / "config.json").is_file()
-    assert (tmp_path / "checkpoints" / "latest").is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000001"  # the last step's
 
 
 def test_sampled_token_sdpo_and_topk(tmp_path):
