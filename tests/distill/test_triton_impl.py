@@ -8,7 +8,6 @@ masked tails.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
