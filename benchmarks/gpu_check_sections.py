@@ -464,10 +464,10 @@ def section_gpu_tests(plan: Plan, deadline: float) -> dict:
     if importlib.util.find_spec("pytest") is None:
         return skipped("pytest is not installed on this machine")
     if plan.dry:  # one module: collecting all of tests/ takes longer than the rest of a dry run
-        runs = [("gpu-marked", ["-m", "gpu", "tests/test_telemetry.py"])]
+        runs = [("gpu-marked", ["-m", "gpu", "tests/train/test_telemetry.py"])]
     else:  # the GPU-marked tests, then the Triton kernel tests, which run on the device when there is one
         runs = [("gpu-marked", ["-m", "gpu", "tests"]),
-                ("Triton kernels", ["tests/test_distill_triton.py", "tests/test_distill_compile.py"])]
+                ("Triton kernels", ["tests/distill/test_triton_impl.py", "tests/distill/test_custom_ops.py"])]
     figures, bad = {}, []
     with tempfile.TemporaryDirectory(prefix="gpu-check-pytest-") as tmp:
         for i, (name, args) in enumerate(runs):

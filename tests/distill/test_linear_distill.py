@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
@@ -13,29 +14,13 @@ from sdpo_fast import DistillOutput, linear_distill
 from sdpo_fast.distill.api import _resolve_impl
 from sdpo_fast.distill.chunked import linear_distill_chunked
 from sdpo_fast.distill.naive import linear_distill_naive
+from tests.conftest import IGNORE, op_inputs
 
 N, H, V = 37, 24, 101  # non-powers of two
-IGNORE = -100
 
 
-def make_inputs(seed, *, n=N, h=H, v=V, ht=None, separate_head=True, scale=1.0, offset=0.0,
-                dtype=torch.float32, ignore_every=4):
-    """Random hidden states, heads and targets; `offset` adds a common constant to every logit."""
-    g = torch.Generator().manual_seed(seed)
-    ht = h if ht is None else ht
-    hs = torch.randn(n, h, generator=g, dtype=torch.float64) * scale
-    hh = torch.randn(n, ht, generator=g, dtype=torch.float64) * scale
-    w = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5
-    wt = torch.randn(v, ht, generator=g, dtype=torch.float64) / ht**0.5 if separate_head else None
-    if offset:  # one extra feature fixed to 1 whose weight is `offset`: every logit moves by +offset
-        hs, hh = (torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1) for x in (hs, hh))
-        w = torch.cat([w, torch.full((v, 1), offset, dtype=w.dtype)], 1)
-        wt = torch.cat([wt, torch.full((v, 1), offset, dtype=wt.dtype)], 1) if wt is not None else None
-    y = torch.randint(0, v, (n,), generator=g)
-    if ignore_every:
-        y[::ignore_every] = IGNORE
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return cast(hs), cast(hh), cast(w), cast(wt), y
+# float32 inputs of the file's shapes, every fourth row ignored (any op_inputs argument can be overridden)
+make_inputs = functools.partial(op_inputs, n=N, h=H, v=V, dtype=torch.float32, ignore_every=4)
 
 
 def run(fn, hs, hh, w, wt, y, grads, **kw):
@@ -103,7 +88,7 @@ def linear_distill_chunked_multi(hs, hh, w, y, *, teacher_weight=None, **kw):
 @pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("support", SUPPORTS)
 def test_chunked_float64_equals_naive_float64(alpha, support):
-    inputs = make_inputs(11, dtype=torch.float64, ht=13)
+    inputs = make_inputs(11, dtype=torch.float64, teacher_h=13)
     kw = dict(alpha=alpha, temperature=0.9, topk=support[0], add_tail=support[1])
     grads = upstream(11)
     got = run(linear_distill_chunked_multi, *inputs, grads, **kw)
@@ -125,7 +110,7 @@ def test_chunked_gradcheck(alpha, topk):
 @pytest.mark.parametrize("impl", ["naive", "chunked"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_large_common_logit_offset(impl, alpha):
-    inputs = make_inputs(5, offset=50.0)
+    inputs = make_inputs(5, offsets=(50.0, 50.0))
     grads = upstream(5)
     got = run(linear_distill, *inputs, grads, alpha=alpha, impl=impl)
     assert_close_to_reference(got, reference(*inputs, grads, alpha=alpha), atol=1e-4, grad_rtol=1e-4)
@@ -134,7 +119,7 @@ def test_large_common_logit_offset(impl, alpha):
 @pytest.mark.parametrize("impl", ["naive", "chunked"])
 @pytest.mark.parametrize("alpha,topk", [(0.0, None), (0.5, None), (1.0, None), (0.5, 5)])
 def test_very_peaked_distributions(impl, alpha, topk):
-    inputs = make_inputs(6, scale=40.0)  # logit spreads of hundreds: most probabilities underflow to 0
+    inputs = make_inputs(6, hidden_scale=40.0)  # logit spreads of hundreds: most probabilities underflow to 0
     grads = upstream(6)
     got = run(linear_distill, *inputs, grads, alpha=alpha, topk=topk, impl=impl)
     assert_close_to_reference(got, reference(*inputs, grads, alpha=alpha, topk=topk), atol=1e-4, grad_rtol=1e-4)

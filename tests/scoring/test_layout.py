@@ -12,7 +12,7 @@ from sdpo_fast.scoring.attention import attention_inputs, prefix_attention
 from sdpo_fast.scoring.masks import block_mask, dense_mask
 from sdpo_fast.scoring.packing import pack_forest, query_index
 from sdpo_fast.scoring.trie import build_forest
-from scoring_helpers import mixed_batch, rel_err
+from tests.scoring.conftest import mixed_batch, rel_err
 
 
 def arrays(seqs):

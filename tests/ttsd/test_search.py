@@ -119,7 +119,11 @@ def test_command_writes_solution_and_rounds(tmp_path):
     assert saved["solved"] and saved["attempts"] == 6 and saved["solution"] == result.solution
     assert saved["problem"] == PROBLEMS[1]
     rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2] and rounds[0]["update"]["loss"] is not None
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["responses"] for r in rounds] == [r["responses"] for r in result.log]
+    # round 1 failed and took an SDPO step (the one in the result's log); round 2 solved it: no step
+    assert rounds[0]["update"]["loss"] == result.log[0]["update"]["loss"] and rounds[0]["update"]["grad_norm"] > 0
+    assert rounds[1]["update"] is None
 
 
 def test_experiment_table_plot_and_resume(tmp_path):

@@ -13,26 +13,16 @@ import torch.nn.functional as F
 
 from sdpo_fast import LogProbOutput, linear_distill, linear_logprobs
 from sdpo_fast.distill.chunked import linear_logprobs_chunked
+from tests.conftest import IGNORE, op_inputs
 
 N, H, V = 37, 24, 101  # non-powers of two
-IGNORE = -100
 
 
-def make_inputs(seed, *, n=N, h=H, v=V, lead=(), offset=0.0, ignore_every=4):
-    """float64 hidden [*lead, n, h], head [v, h], targets with every `ignore_every`-th row ignored.
-
-    `offset` adds a constant to every logit (an extra feature fixed to 1 whose weight is `offset`).
-    """
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*lead, n, h, generator=g, dtype=torch.float64) * 2
-    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5
-    if offset:
-        hidden = torch.cat([hidden, torch.ones(*lead, n, 1, dtype=hidden.dtype)], -1)
-        weight = torch.cat([weight, torch.full((v, 1), offset, dtype=weight.dtype)], 1)
-    targets = torch.randint(0, v, (*lead, n), generator=g)
-    if ignore_every:
-        targets[..., ::ignore_every] = IGNORE
-    return hidden, weight, targets
+def make_inputs(seed, *, n=N, h=H, v=V, ignore_every=4, dtype=torch.float64, **kw):
+    """(hidden [*lead, n, h], head [v, h], targets) of the shared builder, hidden states of scale 2."""
+    x = op_inputs(seed, n=n, h=h, v=v, hidden_scale=2.0, ignore_every=ignore_every, dtype=dtype,
+                  separate_head=False, **kw)
+    return x.hidden, x.weight, x.targets
 
 
 def spec(hidden, weight, targets, temperature):
@@ -79,7 +69,7 @@ def test_naive_float64_is_the_specification():
 @pytest.mark.parametrize("temperature,offset", [(1.0, 0.0), (0.7, 0.0), (1.3, 200.0)])
 def test_chunked_fp32_matches_float64_reference(temperature, offset):
     """Several chunks (5 rows each), leading batch dims, ignored rows, and logits sharing a large offset."""
-    hidden, weight, targets = make_inputs(1, lead=(2,), offset=offset)
+    hidden, weight, targets = make_inputs(1, lead=(2,), offsets=(offset, offset))
     upstream = torch.randn(targets.shape, dtype=torch.float64)
     want = reference(hidden, weight, targets, upstream, temperature)
 
@@ -180,7 +170,7 @@ def test_compiled_caller_traces_in_one_graph_without_recompiling():
     try:
         frames = []
         for seed, n in ((6, 20), (7, 31)):  # neither equals H (duck sizing would tie them)
-            hidden, weight, targets = (t.float() if t.is_floating_point() else t for t in make_inputs(seed, n=n))
+            hidden, weight, targets = make_inputs(seed, n=n, dtype=torch.float32)
             adv = torch.randn(n)
             results = []
             for fn in (compiled, grpo_like):
@@ -197,7 +187,7 @@ def test_compiled_caller_traces_in_one_graph_without_recompiling():
 
 
 def test_chunked_op_registration():
-    hidden, weight, targets = (t.float() if t.is_floating_point() else t for t in make_inputs(8, n=12, v=41))
+    hidden, weight, targets = make_inputs(8, n=12, v=41, dtype=torch.float32)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     torch.library.opcheck(torch.ops.sdpo_fast.linear_logprobs_chunked.default,

@@ -8,8 +8,6 @@ masked tails.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -20,12 +18,12 @@ from sdpo_fast import linear_distill  # noqa: E402
 from sdpo_fast.distill import api, triton_impl  # noqa: E402
 from sdpo_fast.distill.triton_impl import linear_distill_triton  # noqa: E402
 from sdpo_fast.kernels import INTERPRET  # noqa: E402
+from tests.conftest import IGNORE, op_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
     DEVICE == "cpu" and not INTERPRET, reason="needs a CUDA GPU, or TRITON_INTERPRET=1 for the Triton interpreter"
 )
-IGNORE = -100
 FIELDS = ("divergence", "student_logp", "teacher_logp", "advantage", "entropy")
 
 
@@ -60,34 +58,15 @@ def _interpreter_harness():
 
 def make_case(n=100, h=72, v=1001, *, h_t=40, ignored=0.15, offsets=(0.0, 0.0), peaked=False,
               dtype=torch.float32, seed=0):
-    """Random inputs: (student_hidden, teacher_hidden, weight, teacher_weight or None, targets, upstream).
+    """Inputs of the shared builder on DEVICE, and upstream gradients [2, n] (divergence, student_logp).
 
     `offsets` adds a constant to every student / teacher logit (through a hidden unit fixed at 1);
     `peaked` scales the heads so one token takes almost all the mass; h_t=None shares the student head.
     """
-    gen = torch.Generator().manual_seed(seed)
-    scale = 3.0 if peaked else 0.3
-
-    def head(width, offset):
-        w = torch.randn(v, width, generator=gen) * scale / math.sqrt(width) * 4
-        w[:, 0] = offset
-        return w
-
-    def hidden(width):
-        x = torch.randn(n, width, generator=gen)
-        x[:, 0] = 1.0
-        return x
-
-    hs, weight = hidden(h), head(h, offsets[0])
-    ht, teacher_weight = (hidden(h_t), head(h_t, offsets[1])) if h_t else (hidden(h), None)
-    if teacher_weight is None and offsets[1] != offsets[0]:
-        raise ValueError("a shared head has one offset")
-    targets = torch.randint(0, v, (n,), generator=gen)
-    targets[0], targets[1] = v - 1, 0  # first and last vocabulary columns
-    targets[torch.rand(n, generator=gen) < ignored] = IGNORE
-    upstream = torch.randn(2, n, generator=gen)
-    cast = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
-    return cast(hs), cast(ht), cast(weight), cast(teacher_weight), targets.to(DEVICE), upstream.to(DEVICE)
+    case = op_inputs(seed, n=n, h=h, v=v, teacher_h=h_t, separate_head=h_t is not None,
+                     head_scale=12.0 if peaked else 1.2, offsets=offsets, ignore_frac=ignored, dtype=dtype)
+    upstream = torch.randn(2, n, generator=torch.Generator().manual_seed(seed + 1000))
+    return (*case.to(DEVICE), upstream.to(DEVICE))
 
 
 def run(impl, hs, ht, weight, teacher_weight, targets, upstream, *, dtype=None, use=(True, True), **kwargs):

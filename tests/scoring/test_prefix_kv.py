@@ -7,7 +7,7 @@ import torch
 
 from sdpo_fast.models import tiny_random_model
 from sdpo_fast.scoring import PrefixKV, enable_prefix_attention, response_hidden_states
-from scoring_helpers import VOCAB, max_rel_err, rel_err, tokens
+from tests.scoring.conftest import VOCAB, max_rel_err, rel_err, tokens
 
 TOL = 1e-5
 

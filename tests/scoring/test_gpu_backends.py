@@ -10,7 +10,7 @@ import torch
 
 from sdpo_fast.models import tiny_random_model
 from sdpo_fast.scoring import PrefixKV, enable_prefix_attention, response_hidden_states
-from scoring_helpers import VOCAB, max_rel_err, mixed_batch, rel_err
+from tests.scoring.conftest import VOCAB, max_rel_err, mixed_batch, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

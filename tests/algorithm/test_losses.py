@@ -21,6 +21,7 @@ from sdpo_fast.algorithm import (
     ppo_clip_loss,
 )
 from sdpo_fast.distill import linear_distill
+from tests.conftest import IGNORE, op_inputs
 
 F64 = torch.float64
 
@@ -279,15 +280,12 @@ def test_norm_length_and_empty_batch():
 def test_sdpo_step_through_linear_distill_micro_batched_equals_full_batch(agg_mode):
     """The whole path (fused op -> loss -> aggregation): micro-batch gradients add up to the full batch."""
     b, t, hidden, vocab = 6, 5, 8, 29
-    g = torch.Generator().manual_seed(30)
-    weight = torch.randn(vocab, hidden, dtype=F64, generator=g, requires_grad=True)
-    h_s = torch.randn(b, t, hidden, dtype=F64, generator=g)
-    h_t = torch.randn(b, t, hidden, dtype=F64, generator=g)
-    y = torch.randint(0, vocab, (b, t), generator=g)
-    response_mask = torch.rand(b, t, generator=g) < 0.8
-    y[~response_mask] = -100
+    h_s, h_t, weight, _, y = op_inputs(30, n=t, h=hidden, v=vocab, lead=(b,), separate_head=False,
+                                       head_scale=hidden**0.5, ignore_frac=0.2)
+    weight.requires_grad_(True)
+    response_mask = y != IGNORE
     sd_mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-    old = -torch.rand(b, t, dtype=F64, generator=g)
+    old = -torch.rand(b, t, dtype=F64, generator=torch.Generator().manual_seed(31))
     cfg = LossConfig(mode="sdpo", alpha=0.5, agg_mode=agg_mode)
     mask = cfg.loss_mask(response_mask, sd_mask)
     agg = Aggregator.for_batch(mask, agg_mode)

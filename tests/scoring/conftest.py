@@ -1,4 +1,4 @@
-"""Shared helpers of the shared-prefix scoring tests: random batches and error measures."""
+"""Shared helpers of the shared-prefix scoring tests: random token batches and error measures."""
 
 from __future__ import annotations
 

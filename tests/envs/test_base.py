@@ -1,15 +1,12 @@
 """BatchEvaluator: order, parallelism, and isolation of crashing, hanging and raising items."""
 
 import os
-import sys
 import uuid
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from envs_helpers import ScriptedEnv  # noqa: E402
-
-from sdpo_fast.envs import BatchEvaluator, CodeEnv, Limits, evaluate_batch  # noqa: E402
+from sdpo_fast.envs import BatchEvaluator, CodeEnv, Limits, evaluate_batch
+from tests.envs.conftest import ScriptedEnv, processes_ending_with
 
 
 def test_results_in_order_and_failures_isolated():
@@ -34,16 +31,7 @@ def test_processes_of_a_stopped_worker_are_killed():
     with BatchEvaluator(ScriptedEnv(), workers=1, timeout_s=3.0) as evaluator:
         result, = evaluator.evaluate([{"x": 1, "do": "daemon then hang", "marker": marker}], ["r"])
     assert "timed out" in result.details["error"]
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith(marker)]
-
-
-def _cmdline(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
-
+    assert processes_ending_with(marker) == []
 
 def test_code_batch_is_deterministic():
     problem = {"prompt": "", "entry_point": "f",

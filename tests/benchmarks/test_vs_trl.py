@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import REPO
+
 pytest.importorskip("trl", reason="needs TRL (pip install 'sdpo-fast[trl]')")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 import vs_trl  # noqa: E402
 
 from sdpo_fast.algorithm import RepromptConfig, build_teacher_contexts  # noqa: E402

@@ -10,8 +10,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from sdpo_fast import linear_distill
-
-IGNORE = -100
+from tests.conftest import IGNORE, op_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -22,13 +21,10 @@ def _fresh_dynamo():
 
 
 def make_inputs(n=24, h=16, v=97, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hs = torch.randn(n, h, generator=gen, requires_grad=True)
-    ht = torch.randn(n, h, generator=gen)
-    weight = (torch.randn(v, h, generator=gen) / 2).requires_grad_(True)
-    targets = torch.randint(0, v, (n,), generator=gen)
-    targets[::5] = IGNORE
-    return hs, ht, weight, targets
+    """float32 (hidden, teacher hidden, shared head, targets) of the shared builder, every fifth row ignored;
+    the student's hidden states and head require gradients."""
+    x = op_inputs(seed, n=n, h=h, v=v, separate_head=False, head_scale=2.0, ignore_every=5, dtype=torch.float32)
+    return x.hidden.requires_grad_(True), x.teacher_hidden, x.weight.requires_grad_(True), x.targets
 
 
 def sdpo_loss(hs, ht, weight, targets):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import sys
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -15,6 +13,10 @@ from sdpo_fast.algorithm.aggregation import Aggregator
 from sdpo_fast.algorithm.teachers import Teacher, ema_update, lm_head_weight
 from sdpo_fast.distill import linear_distill
 from sdpo_fast.distill.formulas import divergence, topk_support
+from tests.conftest import FORK_ONLY, run_two_ranks
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def _head(vocab: int, hidden: int, seed: int) -> nn.Linear:
@@ -143,66 +145,39 @@ def test_ema_update_casts_student_to_teacher_dtype_and_checks_structure():
 
 # ---- 2-rank FSDP2 (gloo, CPU) -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fsdp_worker(rank: int, world: int, port: int, tau: float) -> None:
+def _fsdp_worker(rank: int, mesh: DeviceMesh, tau: float) -> None:
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)  # same weights on every rank; odd sizes so shards are uneven and padded
-        student = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-        teacher = copy.deepcopy(student)
-        with torch.no_grad():
-            for p in student.parameters():
-                p.add_(torch.randn_like(p))
-        expected = [torch.lerp(t.detach(), s.detach(), tau) for t, s in zip(teacher.parameters(),
-                                                                           student.parameters())]
-        mesh = init_device_mesh("cpu", (world,))
-        for model in (student, teacher):
-            for layer in (model[0], model[2]):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-        assert all(isinstance(p, DTensor) for p in teacher.parameters())
-        student_before = [p.full_tensor() for p in student.parameters()]
+    torch.manual_seed(0)  # same weights on every rank; odd sizes so shards are uneven and padded
+    student = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    expected = [torch.lerp(t.detach(), s.detach(), tau) for t, s in zip(teacher.parameters(),
+                                                                       student.parameters())]
+    for model in (student, teacher):
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in teacher.parameters())
+    student_before = [p.full_tensor() for p in student.parameters()]
 
-        Teacher("ema", student, tau=tau, model=teacher).after_step()
+    Teacher("ema", student, tau=tau, model=teacher).after_step()
 
-        for t, e in zip(teacher.parameters(), expected):
-            torch.testing.assert_close(t.full_tensor(), e, rtol=1e-6, atol=1e-7)
-        for s, b in zip(student.parameters(), student_before):
-            assert torch.equal(s.full_tensor(), b)
+    for t, e in zip(teacher.parameters(), expected):
+        torch.testing.assert_close(t.full_tensor(), e, rtol=1e-6, atol=1e-7)
+    for s, b in zip(student.parameters(), student_before):
+        assert torch.equal(s.full_tensor(), b)
 
-        # global normalisers: each rank holds half of the mini-batch
-        mask = torch.ones(2, 4, dtype=torch.bool) if rank == 0 else torch.tensor([[1, 0, 0, 0, 0, 0]]).bool()
-        agg = Aggregator.for_batch(mask, "seq-mean-token-sum-norm", process_group=dist.group.WORLD)
-        assert (agg.num_tokens, agg.num_seqs, agg.norm_length, agg.scale) == (9.0, 3.0, 6.0, 2.0)
-    finally:
-        dist.destroy_process_group()
+    # global normalisers: each rank holds half of the mini-batch
+    mask = torch.ones(2, 4, dtype=torch.bool) if rank == 0 else torch.tensor([[1, 0, 0, 0, 0, 0]]).bool()
+    agg = Aggregator.for_batch(mask, "seq-mean-token-sum-norm", process_group=dist.group.WORLD)
+    assert (agg.num_tokens, agg.num_seqs, agg.norm_length, agg.scale) == (9.0, 3.0, 6.0, 2.0)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs the fork start method (Linux)")
+@FORK_ONLY
 def test_ema_update_on_fsdp2_sharded_parameters_equals_unsharded_update():
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("needs torch.distributed with the gloo backend")
-    # fork keeps start-up to seconds (spawn re-imports torch in every rank)
-    ctx = mp.start_processes(_fsdp_worker, args=(2, _free_port(), 0.05), nprocs=2, join=False,
-                             start_method="fork")
-    for _ in range(120):
-        if ctx.join(timeout=1):
-            return
-    for p in ctx.processes:
-        p.kill()
-    pytest.fail("FSDP2 workers did not finish within 120 s")
+    run_two_ranks(_fsdp_worker, 0.05)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
+
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 
@@ -73,7 +74,7 @@ def test_dry_run_report(dry_run, gpu_check, sections):
     for name in ("cuda_graph_triton", "cuda_graph_chunked"):
         assert results[name]["status"] == "skipped" and "CUDA" in results[name]["reason"]
     assert results["resources"]["status"] in ("ok", "skipped")
-    assert all(s["seconds"] >= 0 and s["cpu_s"] >= 0 and s["timeout_s"] > 0 for s in results.values())
+    assert all(0 <= s["seconds"] <= s["timeout_s"] and s["cpu_s"] >= 0 for s in results.values())  # within budget
     assert all(math.isfinite(x) for x in _numbers(record))
 
     env = results["environment"]["figures"]

@@ -8,9 +8,7 @@ parameter), the guards against models whose logits are not a plain linear head, 
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import sys
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -18,6 +16,10 @@ from torch import nn
 
 from sdpo_fast.integrations import call_with_head, completion_hidden, token_logprobs
 from sdpo_fast.models import tiny_random_model
+from tests.conftest import FORK_ONLY, run_two_ranks
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 V, P, T = 211, 6, 7  # vocabulary, prompt and completion lengths
 
@@ -108,12 +110,6 @@ def test_models_whose_logits_are_not_a_plain_head_are_refused():
 
 # ---- FSDP2 on 2 CPU ranks (gloo) -----------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_loss(model, rank: int) -> torch.Tensor:
     """Each rank's share of a GRPO-style loss on its own batch."""
     ids, mask, completion, completion_mask = make_batch(10 + rank, batch=2)
@@ -122,50 +118,30 @@ def _rank_loss(model, rank: int) -> torch.Tensor:
     return -(advantages * out.logp).sum() / completion_mask.sum()
 
 
-def _fsdp_worker(rank: int, world: int, port: int, tied: bool) -> None:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def _fsdp_worker(rank: int, mesh: DeviceMesh, tied: bool) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = tiny_random_model(V, tie_word_embeddings=tied, seed=5)
-        reference = copy.deepcopy(model)
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        if not tied:  # a head of its own group is resharded after each forward: outside one, it is a DTensor
-            fully_shard(model.lm_head, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # the root group: embeddings (and a tied head), final norm
-        assert isinstance(model.lm_head.weight, DTensor)
+    model = tiny_random_model(V, tie_word_embeddings=tied, seed=5)
+    reference = copy.deepcopy(model)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    if not tied:  # a head of its own group is resharded after each forward: outside one, it is a DTensor
+        fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the root group: embeddings (and a tied head), final norm
+    assert isinstance(model.lm_head.weight, DTensor)
 
-        _rank_loss(model, rank).backward()
-        # FSDP averages the ranks' gradients: the reference is the mean of both ranks' losses.
-        (sum(_rank_loss(reference, r) for r in range(world)) / world).backward()
-        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-6, rtol=1e-4, msg=name)
-    finally:
-        dist.destroy_process_group()
+    _rank_loss(model, rank).backward()
+    # FSDP averages the ranks' gradients: the reference is the mean of both ranks' losses.
+    (sum(_rank_loss(reference, r) for r in range(mesh.size())) / mesh.size()).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs the fork start method (Linux)")
+@FORK_ONLY
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-head-in-root-group", "head-in-own-group"])
 def test_call_with_head_trains_an_fsdp2_sharded_head(tied):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("needs torch.distributed with the gloo backend")
-    ctx = mp.start_processes(_fsdp_worker, args=(2, _free_port(), tied), nprocs=2, join=False, start_method="fork")
-    for _ in range(120):
-        if ctx.join(timeout=1):
-            return
-    for p in ctx.processes:
-        p.kill()
-    pytest.fail("FSDP2 workers did not finish within 120 s")
+    run_two_ranks(_fsdp_worker, tied)
 
 
 def test_call_with_head_is_a_plain_call_without_fsdp():

@@ -25,6 +25,7 @@ import pytest
 from sdpo_fast.envs import CodeEnv
 from sdpo_fast.envs.sandbox import Limits, Sandbox, SandboxEnded, isolation_support, jail, process, run_stdio
 from sdpo_fast.envs.sandbox.slots import pids_of_uid
+from tests.conftest import REPO
 
 LIMITS = Limits(cpu_s=1.0, wall_s=2.0, memory_mb=256, processes=8, file_mb=4, output_bytes=1 << 16)
 ENV = CodeEnv(limits=LIMITS, reward_mode="all")
@@ -401,7 +402,7 @@ def test_cleanup_does_not_depend_on_pid_1(support, reaper):
         pytest.skip("needs root and unshare(1) to start an evaluator as a PID 1 that never reaps")
     if reaper == "pidns" and "pidns" not in support.isolation:
         pytest.skip("needs PID namespaces")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = str(REPO)
     out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", NO_REAPER,
                           repo, reaper, ORPHANS], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -12,6 +12,8 @@ import pytest
 
 from sdpo_fast.envs.sandbox import Limits, Sandbox, isolation_support, run_stdio
 from sdpo_fast.envs.sandbox.slots import pids_of_uid
+from tests.conftest import REPO
+from tests.envs.conftest import processes_ending_with
 
 LIMITS = Limits(cpu_s=1.0, wall_s=2.0, memory_mb=256, processes=6, file_mb=4, output_bytes=1 << 16)
 ROOT = os.geteuid() == 0
@@ -98,17 +100,7 @@ def test_child_outliving_its_parent_is_killed():
     result = run(f"import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
                  f"        os.execv('/bin/sleep', ['sleep', '{marker}'])\n    os._exit(0)\nprint('bye')\n")
     assert result.stdout == "bye\n"
-    leftovers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith(marker)]
-    assert leftovers == []
-
-
-def _cmdline(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
-
+    assert processes_ending_with(marker) == []
 
 def test_writes_outside_the_workdir_do_not_reach_the_host(tmp_path):
     name = f"sdpo-escape-{uuid.uuid4().hex}"
@@ -210,7 +202,7 @@ def test_unprivileged_evaluator_degrades_safely():
 
     if not ROOT or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"):
         pytest.skip("needs root, setpriv and /usr/bin/python3 to start an unprivileged evaluator")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = str(REPO)
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"]
     readable = f"open({os.path.join(repo, 'sdpo_fast', 'envs', 'sandbox', '__init__.py')!r}).read()"
     if subprocess.run(as_nobody + [readable], capture_output=True).returncode != 0:

@@ -1,4 +1,5 @@
-"""Environments that misbehave on purpose, for the batch-evaluation tests (importable by workers)."""
+"""Shared helpers of the environment tests: a check for leftover processes, and an environment that
+misbehaves on purpose (a module-level class, so the batch evaluator's forkserver workers can import it)."""
 
 import os
 import time
@@ -29,3 +30,16 @@ class ScriptedEnv:
                 box.communicate("")
                 time.sleep(600)
         return Evaluation(problem["x"] / 10, f"saw {response}", {"pid": os.getpid()})
+
+
+def processes_ending_with(marker: str) -> list[str]:
+    """Process ids whose command line ends with `marker` (a process a test started must be gone)."""
+    return [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith(marker)]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
