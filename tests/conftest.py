@@ -12,8 +12,10 @@ from typing import Callable, NamedTuple
 import pytest
 import torch
 
+from sdpo_fast.distill import IGNORE_INDEX
+
 REPO = Path(__file__).resolve().parents[1]  # the repository root
-IGNORE = -100  # the ignore_index the tests pass to the ops
+IGNORE = IGNORE_INDEX  # the ignore_index the tests pass to the ops
 
 
 class OpInputs(NamedTuple):

@@ -13,7 +13,7 @@ from sdpo_fast.algorithm.aggregation import Aggregator
 from sdpo_fast.algorithm.teachers import Teacher, ema_update, lm_head_weight
 from sdpo_fast.distill import linear_distill
 from sdpo_fast.distill.formulas import divergence, topk_support
-from tests.conftest import FORK_ONLY, run_two_ranks
+from tests.conftest import FORK_ONLY, IGNORE, run_two_ranks
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -37,7 +37,7 @@ def test_trust_region_equals_lerp_of_materialised_logits(alpha, topk, impl):
     h_ref = torch.randn(n, hidden, dtype=torch.float64, generator=g)
     h_cur = torch.randn(n, hidden, dtype=torch.float64, generator=g)
     y = torch.randint(0, vocab, (n,), generator=g)
-    y[3] = -100
+    y[3] = IGNORE
     w_ref, w_cur = teacher.model.weight, student.weight
 
     out = linear_distill(h_s, teacher.teacher_hidden([h_ref, h_cur]), w_cur, y,
@@ -54,7 +54,7 @@ def test_trust_region_equals_lerp_of_materialised_logits(alpha, topk, impl):
     else:
         support = logits_s.detach().topk(topk, -1).indices
         div = divergence(*topk_support(logp_s.gather(-1, support), logp_t.gather(-1, support), True), alpha)
-    valid = y != -100
+    valid = y != IGNORE
     yy = y.clamp(min=0).unsqueeze(-1)
     ref_div = torch.where(valid, div, 0.0)
     ref_slp = torch.where(valid, logp_s.gather(-1, yy).squeeze(-1), 0.0)
