@@ -108,10 +108,11 @@ class BenchConfig:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         for name, value in (("op.repeats", self.op.repeats), ("scoring.repeats", self.scoring.repeats),
                             ("step.steps", self.step.steps), ("scoring.g", self.scoring.g),
-                            ("algorithm.repeats", self.algorithm.repeats), ("algorithm.prompts", self.algorithm.prompts),
-                            ("algorithm.group", self.algorithm.group), ("op.chunk_elems", 1 if self.op.chunk_elems is None else self.op.chunk_elems),
-                            ("threads", 1 if self.threads is None else self.threads)):
-            if value < 1:
+                            ("algorithm.repeats", self.algorithm.repeats),
+                            ("algorithm.prompts", self.algorithm.prompts), ("algorithm.group", self.algorithm.group),
+                            ("op.chunk_elems", self.op.chunk_elems),
+                            ("threads", self.threads)):
+            if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.op.mem_limit_gb <= 0:
             raise ValueError(f"op.mem_limit_gb must be > 0, got {self.op.mem_limit_gb}")
