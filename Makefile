@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench gpu-check clean
+.PHONY: test demo bench bench-pytest gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,10 +28,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-# Op, scoring and step benchmarks of this device; results in benchmarks/results/bench_{cpu,cuda}/.
+# Op, scoring, step and algorithm-layer benchmarks of this device (sdpo_fast/bench/); results in
+# benchmarks/results/bench_{cpu,cuda}/. One section: make bench BENCH_ARGS="--only op --op.n 1024 4096".
+# The same cases with pytest-benchmark and their memory/work assertions: make bench-pytest.
+BENCH_ARGS ?=
 bench: $(STAMP)
 	$(VENV)/bin/sdpo-fast bench --out-dir benchmarks/results/bench_$$($(PY) -c \
-		'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+		'import torch; print("cuda" if torch.cuda.is_available() else "cpu")') $(BENCH_ARGS)
+
+bench-pytest: $(STAMP)
+	$(PY) -m pytest -q benchmarks --benchmark-only
 
 # One-command check of a CUDA machine (torch and triton already installed; no .venv, no network): the op's
 # correctness at H=4096, V=151936 against float64, its benchmark, CUDA graphs, the GPU tests and

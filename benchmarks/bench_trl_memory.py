@@ -6,9 +6,9 @@ forwards run on one model) — runs in TRL's `SDPOTrainer` (materialised [B, T, 
 process. The model is small with a large vocabulary, so that the logits dominate, as they do for
 Qwen-class vocabularies at long completions.
 
-Memory of the step = CPU: the child's peak RSS minus its RSS once model, trainer and batch exist
-(children run under an address-space limit, so a step that does not fit reports "out of memory");
-CUDA: max_memory_allocated minus memory_allocated before the step. Both include the parameter
+Memory of the step (`sdpo_fast.bench.memory`) = CPU: the child's peak RSS minus its RSS once model, trainer
+and batch exist (children run under an address-space limit, so a step that does not fit reports "out of
+memory"); CUDA: max_memory_allocated minus memory_allocated before the step. Both include the parameter
 gradients, which every variant produces.
 
     python benchmarks/bench_trl_memory.py                                  # the default setting (CPU: ~2 min)
@@ -21,14 +21,12 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
-import resource
-import statistics
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
-from sdpo_fast.bench.common import git_commit
+from sdpo_fast.bench.common import git_commit, median_times
+from sdpo_fast.bench.memory import PeakMemory, in_child
 from sdpo_fast.files import write_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,63 +40,45 @@ MODES = {
 }
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _child(variant: str, mode: str, args: argparse.Namespace, queue) -> None:
-    if args.device == "cpu":
-        resource.setrlimit(resource.RLIMIT_AS, (int(args.mem_limit_gb * 2**30),) * 2)
+def _step(variant: str, mode: str, args: argparse.Namespace) -> dict:
+    """One child's figures: peak memory of the step beyond model, trainer and batch, median time, first loss."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    try:
-        import torch
-        from datasets import Dataset
-        from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
+    import torch
+    from datasets import Dataset
+    from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 
-        from sdpo_fast.integrations.trl import FusedSDPOTrainer
-        from sdpo_fast.models import load_tokenizer, tiny_random_model
+    from sdpo_fast.integrations.trl import FusedSDPOTrainer
+    from sdpo_fast.models import load_tokenizer, tiny_random_model
 
-        torch.manual_seed(0)
-        device = torch.device(args.device)
-        dtype = getattr(torch, args.dtype)
-        model = tiny_random_model(args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                  num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                                  num_key_value_heads=args.hidden // 64).to(device, dtype)
-        config = SDPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, num_generations=2,
-                            max_completion_length=args.completion_len, report_to=[], use_cpu=args.device == "cpu",
-                            bf16=False, save_strategy="no", teacher_model_kind="live", **MODES[mode])
-        cls = FusedSDPOTrainer if variant == "fused" else SDPOTrainer
-        trainer = cls(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=config,
-                      train_dataset=Dataset.from_dict({"prompt": ["x"] * 2}), processing_class=load_tokenizer())
-        trainer.current_gradient_accumulation_steps = 1
-        trainer.model.train()
-        inputs = _batch(args, device)
-        for p in model.parameters():  # gradients exist before the baseline in both variants
-            p.grad = torch.zeros_like(p)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    model = tiny_random_model(args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                              num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                              num_key_value_heads=args.hidden // 64).to(device, dtype)
+    config = SDPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, num_generations=2,
+                        max_completion_length=args.completion_len, report_to=[], use_cpu=args.device == "cpu",
+                        bf16=False, save_strategy="no", teacher_model_kind="live", **MODES[mode])
+    cls = FusedSDPOTrainer if variant == "fused" else SDPOTrainer
+    trainer = cls(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=config,
+                  train_dataset=Dataset.from_dict({"prompt": ["x"] * 2}), processing_class=load_tokenizer())
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    inputs = _batch(args, device)
+    for p in model.parameters():  # gradients exist before the baseline in both variants
+        p.grad = torch.zeros_like(p)
 
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            base = _rss_bytes()
-        times, losses = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            loss = trainer.compute_loss(trainer.model, inputs)
-            loss.backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            losses.append(loss.detach().item())
-            del loss
-        peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        queue.put({"step_mb": (peak - base) / 2**20, "ms": 1e3 * statistics.median(times), "loss": losses[0]})
-    except (MemoryError, RuntimeError) as exc:
-        oom = isinstance(exc, MemoryError) or "alloc" in str(exc).lower() or "out of memory" in str(exc).lower()
-        queue.put({"error": "out of memory" if oom else str(exc)[:200]})
+    losses = []
+
+    def step() -> None:
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        losses.append(loss.detach().item())
+
+    memory = PeakMemory(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    (seconds,) = median_times([step], warmup=0, repeats=args.repeats, sync=sync)
+    return {"step_mb": memory.extra_bytes() / 2**20, "ms": 1e3 * seconds, "loss": losses[0]}
 
 
 def _batch(args: argparse.Namespace, device):
@@ -124,12 +104,8 @@ def _batch(args: argparse.Namespace, device):
 
 def measure(variant: str, mode: str, args: argparse.Namespace) -> dict:
     """Run one (variant, mode) in a fresh process and return its figures (or its error)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(variant, mode, args, queue))
-    proc.start()
-    proc.join()
-    return queue.get() if not queue.empty() else {"error": f"child exited with code {proc.exitcode}"}
+    limit = args.mem_limit_gb if args.device == "cpu" else None
+    return in_child(_step, variant, mode, args, mem_limit_gb=limit)
 
 
 def main() -> None:

@@ -276,12 +276,13 @@ def _matmul_rate(plan: Plan, m: int, k: int, n: int) -> float:
     """TFLOP/s of torch.mm [m, k] x [k, n] in the plan's dtype (the op's GEMM shape: N x H times H x V)."""
     import torch
 
-    from sdpo_fast.bench.op import median_ms
+    from sdpo_fast.bench.common import median_times
 
     a = torch.randn(m, k, device=plan.device).to(_dtype(plan))
     b = torch.randn(k, n, device=plan.device).to(_dtype(plan))
-    ms = median_ms(lambda: torch.mm(a, b), plan.device, plan.warmup, plan.repeats)
-    return 2 * m * k * n / (ms * 1e-3) / 1e12
+    sync = torch.cuda.synchronize if plan.device == "cuda" else None
+    (seconds,) = median_times([lambda: torch.mm(a, b)], plan.warmup, plan.repeats, sync=sync)
+    return 2 * m * k * n / seconds / 1e12
 
 
 def section_op_benchmark(plan: Plan, deadline: float) -> dict:

@@ -1,5 +1,7 @@
-"""pytest-benchmark: shared-prefix scoring against the unshared batch (the scoring section of
-`sdpo-fast bench`): student forward + backward and teacher no-grad, per backend."""
+"""pytest-benchmark: shared-prefix scoring against the unshared batch (the scoring case of `sdpo-fast bench`):
+student forward + backward and teacher no-grad, per backend, timed, with the work ratio that is the point of
+sharing: every shared variant computes fewer token positions than the unshared batch, and continuing from
+the student's prompt keys/values fewer still."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def variants():
 def test_scoring(benchmark, variants, task, variant):
     benchmark.group = f"{task} {SHAPE[0]}x{SHAPE[1]} G=8"
     fn, tokens = variants[(task, variant)]
-    benchmark.extra_info["tokens"] = tokens
+    unshared = variants[(task, "unshared")][1]
+    benchmark.extra_info.update(tokens=tokens, token_ratio=unshared / tokens)
 
     def run() -> None:
         fn()
@@ -34,3 +37,8 @@ def test_scoring(benchmark, variants, task, variant):
             torch.cuda.synchronize()
 
     benchmark.pedantic(run, warmup_rounds=1, rounds=5)
+
+    if variant != "unshared":
+        assert tokens < unshared
+    if variant.endswith("+KV"):
+        assert tokens < variants[(task, variant.removesuffix(" +KV"))][1]

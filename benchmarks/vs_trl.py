@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from sdpo_fast.bench.memory import peak_rss_bytes
 
 ENGINES = ("sdpo_fast", "trl")
 
@@ -104,10 +105,6 @@ class Setting:
 # ---------------------------------------------------------------------------------------------------------
 # Children: one training run each, returning per-step rows and the peak RSS.
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_sdpo_fast(s: Setting, seed: int, out_dir: Path) -> dict:
     """One sdpo_fast run through its Trainer; per-step rows from its metrics.jsonl."""
     from sdpo_fast.algorithm.config import LossConfig, RepromptConfig
@@ -138,7 +135,7 @@ def run_sdpo_fast(s: Setting, seed: int, out_dir: Path) -> dict:
                           "train_s": r["time/step_s"] - r["time/generate_s"], "step_s": r["time/step_s"],
                           "reward_mean": r["reward/mean"], "response_len": r["response/length_mean"],
                           "reprompt_frac": r.get("reprompt/reprompt_fraction")})
-    return {"steps": steps, "eval": evals, "peak_rss_mb": _rss_mb()}
+    return {"steps": steps, "eval": evals, "peak_rss_mb": peak_rss_bytes() / 2**20}
 
 
 def trl_trainer(s: Setting, seed: int, out_dir: Path, model, tokenizer, task, callbacks=()):
@@ -243,7 +240,7 @@ def run_trl(s: Setting, seed: int, out_dir: Path) -> dict:
         step_s = stop - start - eval_s
         steps.append({"step": k, "generate_s": gen["generate_s"], "train_s": step_s - gen["generate_s"],
                       "step_s": step_s, "reward_mean": gen["reward_mean"], "response_len": gen["response_len"]})
-    return {"steps": steps, "eval": evals, "peak_rss_mb": _rss_mb()}
+    return {"steps": steps, "eval": evals, "peak_rss_mb": peak_rss_bytes() / 2**20}
 
 
 def child(engine: str, s: Setting, seed: int, runs_dir: Path, result: Path) -> None:

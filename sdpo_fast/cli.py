@@ -103,7 +103,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {"train": (TrainConfig, _train), "e
 COMMANDS.update({"ttsd": (TTSDConfig, _ttsd), "ttsd-experiment": (ExperimentConfig, _ttsd_experiment)})
 
 
-# `sdpo-fast bench`: op, scoring and step benchmarks on this device (sdpo_fast/bench/).
+# `sdpo-fast bench`: op, scoring, step and algorithm-layer benchmarks on this device (sdpo_fast/bench/).
 from sdpo_fast.bench.config import BenchConfig  # noqa: E402  (dataclasses only; the benchmarks load lazily)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-SECTIONS = ("op", "scoring", "step")
+SECTIONS = ("op", "scoring", "step", "algorithm")
 
 
 @dataclass
@@ -22,11 +22,16 @@ class OpOptions:
     """CPU default 512; GPU 4096."""
     vocab: int | None = None
     """CPU default 32000; GPU 151936."""
-    alpha: float = 0.5
+    alpha: list[float] = field(default_factory=lambda: [0.5])
+    """Divergence mixtures: 0 KL(T||S), 1 KL(S||T), else the generalized JSD."""
     impls: list[str] | None = None
     """CPU default naive chunked; GPU adds triton and liger (when installed)."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """GPU only; CPU runs fp32."""
+    chunk_elems: int | None = None
+    """Elements of one [C, V] block of impl chunked (None: the op's default)."""
+    mem_limit_gb: float = 20.0
+    """CPU: address-space limit of each case's child process (beyond it the row reads "out of memory")."""
     warmup: int = 1
     repeats: int = 3
 
@@ -69,27 +74,51 @@ class StepOptions:
 
 
 @dataclass
-class BenchConfig:
-    """Benchmark the engine on this machine: the fused op, shared-prefix scoring and training steps; prints
-    ratio tables and writes bench.json and PNG plots to --out-dir."""
+class AlgorithmOptions:
+    """The algorithm layer's work outside the model: teacher contexts and the EMA teacher update."""
 
-    only: list[Literal["op", "scoring", "step"]] = field(default_factory=lambda: list(SECTIONS))
+    prompts: int = 32
+    """Prompts (300 random words each) in the batch of teacher contexts."""
+    group: int = 8
+    """Rollouts (512 random tokens each) per prompt: 30% succeed, half the failures carry feedback."""
+    warmup: int = 1
+    repeats: int = 7
+
+
+@dataclass
+class BenchConfig:
+    """Benchmark the engine on this machine: the fused op, shared-prefix scoring, training steps and the
+    algorithm layer's own work; prints ratio tables and writes bench.json and PNG plots to --out-dir."""
+
+    only: list[Literal["op", "scoring", "step", "algorithm"]] = field(default_factory=lambda: list(SECTIONS))
     """Sections to run."""
     out_dir: Path = Path("runs/bench")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None
+    """torch CPU threads (None: torch's choice)."""
     op: OpOptions = field(default_factory=OpOptions)
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
     step: StepOptions = field(default_factory=StepOptions)
+    algorithm: AlgorithmOptions = field(default_factory=AlgorithmOptions)
 
     def __post_init__(self) -> None:
         for name, value in (("op.warmup", self.op.warmup), ("scoring.warmup", self.scoring.warmup),
-                            ("step.warmup", self.step.warmup)):
+                            ("step.warmup", self.step.warmup), ("algorithm.warmup", self.algorithm.warmup)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         for name, value in (("op.repeats", self.op.repeats), ("scoring.repeats", self.scoring.repeats),
-                            ("step.steps", self.step.steps), ("scoring.g", self.scoring.g)):
-            if value < 1:
+                            ("step.steps", self.step.steps), ("scoring.g", self.scoring.g),
+                            ("algorithm.repeats", self.algorithm.repeats),
+                            ("algorithm.prompts", self.algorithm.prompts), ("algorithm.group", self.algorithm.group),
+                            ("op.chunk_elems", self.op.chunk_elems),
+                            ("threads", self.threads)):
+            if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.op.mem_limit_gb <= 0:
+            raise ValueError(f"op.mem_limit_gb must be > 0, got {self.op.mem_limit_gb}")
+        for alpha in self.op.alpha:
+            if not 0.0 <= alpha <= 1.0:
+                raise ValueError(f"op.alpha must be in [0, 1], got {alpha}")
         for shape in self.scoring.shapes:
             parts = shape.split("x")
             if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):

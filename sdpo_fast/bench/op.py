@@ -1,25 +1,27 @@
 """Measurements of the fused op `linear_distill`: one forward + backward per call, per implementation.
 
-- `measure` (any device, in-process): median time of a forward + backward with random upstream gradients
-  on divergence and student_logp, TFLOP/s (12 N H V per step: forward logits of both streams 4NHV, their
-  recompute in backward 4NHV, the two gradient GEMMs 4NHV) against a bf16/fp32 torch.mm measured in the same
+One case (`make_inputs` + `make_step`), measured two ways:
+
+- `measure` (any device, in this process): median time of a forward + backward with random upstream
+  gradients on divergence and student_logp, TFLOP/s (12 N H V per step: forward logits of both streams 4NHV,
+  their recompute in backward 4NHV, the two gradient GEMMs 4NHV) against a torch.mm measured in the same
   run, and on CUDA the peak memory beyond the inputs and d(weight). impl "liger" times Liger-Kernel's
   LigerFusedLinearJSD (jsd_beta = alpha) when it is installed.
-- `measure_isolated` (CPU): the same step in a fresh child process, so that its peak RSS beyond the inputs
-  can be read; the child runs under an address-space limit, so an implementation that does not fit
-  reports "out of memory" instead of waking the kernel's OOM killer.
+- `measure_isolated` (CPU): the same in a fresh child process (`memory.in_child`), so that its peak RSS
+  beyond the inputs (d(weight) included) is the op's memory.
+
+chunk_elems (impl "chunked" only): elements of one [C, V] working block; None keeps the op's default.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import resource
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from sdpo_fast.bench.common import median_times
+from sdpo_fast.bench.memory import PeakMemory, in_child
 
 IGNORE = -100
 
@@ -34,7 +36,7 @@ class OpRow:
     ms: float | None = None
     tflops: float | None = None
     pct_matmul: float | None = None
-    extra_mb: float | None = None  # peak beyond inputs and d(weight); None where not measured
+    extra_mb: float | None = None  # peak beyond inputs (and on CUDA d(weight)); None where not measured
     error: str | None = None
 
 
@@ -55,8 +57,10 @@ def make_inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: str
     )
 
 
-def make_step(impl: str, x: dict, alpha: float) -> Callable[[], None]:
+def make_step(impl: str, x: dict, alpha: float, chunk_elems: int | None = None) -> Callable[[], None]:
     """One forward + backward of `impl` on the inputs `x` (gradients reset first)."""
+    if chunk_elems is not None and impl != "chunked":
+        raise ValueError(f"chunk_elems applies to impl 'chunked' only, got impl {impl!r}")
     if impl == "liger":
         from liger_kernel.transformers import LigerFusedLinearJSD
 
@@ -68,141 +72,94 @@ def make_step(impl: str, x: dict, alpha: float) -> Callable[[], None]:
 
         return step
 
-    from sdpo_fast import linear_distill
+    if chunk_elems is None:
+        from sdpo_fast import linear_distill
+
+        def forward():
+            return linear_distill(x["hs"], x["ht"], x["w"], x["targets"], teacher_weight=x["wt"], alpha=alpha,
+                                  ignore_index=IGNORE, impl=impl)
+    else:  # the chunked implementation itself: the public op keeps its block size
+        from sdpo_fast.distill.chunked import linear_distill_chunked
+
+        def forward():
+            return linear_distill_chunked(x["hs"], x["ht"], x["w"], x["wt"], x["targets"], alpha=alpha,
+                                          temperature=1.0, topk=None, add_tail=True, ignore_index=IGNORE,
+                                          chunk_elems=chunk_elems)
 
     def step() -> None:
         x["hs"].grad = x["w"].grad = None
-        out = linear_distill(x["hs"], x["ht"], x["w"], x["targets"], teacher_weight=x["wt"], alpha=alpha,
-                             ignore_index=IGNORE, impl=impl)
+        out = forward()
         ((out.divergence * x["g_div"]).sum() + (out.student_logp * x["g_logp"]).sum()).backward()
 
     return step
 
 
-def median_ms(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> float:
-    """Median wall time of `fn` in ms after `warmup` calls (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-def extra_memory_mb(fn: Callable[[], None], x: dict) -> float:
-    """Peak CUDA memory of one `fn` call beyond what was allocated before it (the inputs) and d(weight)."""
-    x["hs"].grad = x["w"].grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    grad_w = x["w"].numel() * x["w"].element_size()
-    return (torch.cuda.max_memory_allocated() - base - grad_w) / 2**20
+def _sync(device: str) -> Callable[[], None] | None:
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
 
 
 def matmul_tflops(device: str, dtype: torch.dtype, size: int, warmup: int, repeats: int) -> float:
     """Measured rate of a square torch.mm in `dtype` (the reference for "% mm")."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    ms = median_ms(lambda: torch.mm(a, b), device, warmup, repeats)
-    return 2 * size**3 / (ms * 1e-3) / 1e12
+    (seconds,) = median_times([lambda: torch.mm(a, b)], warmup, repeats, sync=_sync(device))
+    return 2 * size**3 / seconds / 1e12
 
 
-def measure(impl: str, n: int, alpha: float, *, hidden: int, vocab: int, dtype: torch.dtype, device: str,
-            warmup: int, repeats: int, mm_rate: float) -> OpRow:
-    """Time (and on CUDA, memory) of one forward + backward of `impl`; errors become the row's `error`."""
-    row = OpRow(impl, n, alpha)
-    x = None
-    try:
-        x = make_inputs(n, hidden, vocab, dtype, device)
-        step = make_step(impl, x, alpha)
-        row.ms = median_ms(step, device, warmup, repeats)
+def _case(impl: str, n: int, alpha: float, hidden: int, vocab: int, dtype: torch.dtype, device: str,
+          warmup: int, repeats: int, chunk_elems: int | None) -> dict:
+    """{"ms", "extra_mb"} of one forward + backward; memory beyond the inputs, d(weight) excluded on CUDA."""
+    if torch.device(device).type == "cpu":  # BLAS/thread-pool start-up is not the op's memory
+        make_step(impl, make_inputs(8, hidden, 64, dtype, device), alpha, chunk_elems)()
+    x = make_inputs(n, hidden, vocab, dtype, device)
+    step = make_step(impl, x, alpha, chunk_elems)
+    memory = PeakMemory(device)
+    (seconds,) = median_times([step], warmup, repeats, sync=_sync(device))
+    extra = memory.extra_bytes()
+    if memory.cuda:
+        extra -= x["w"].numel() * x["w"].element_size()
+    return {"ms": 1e3 * seconds, "extra_mb": extra / 2**20}
+
+
+def _row(impl: str, n: int, alpha: float, hidden: int, vocab: int, mm_rate: float | None, got: dict) -> OpRow:
+    row = OpRow(impl, n, alpha, ms=got.get("ms"), extra_mb=got.get("extra_mb"), error=got.get("error"))
+    if row.ms:
         row.tflops = 12 * n * hidden * vocab / (row.ms * 1e-3) / 1e12
-        row.pct_matmul = 100 * row.tflops / mm_rate
-        if device == "cuda":
-            row.extra_mb = extra_memory_mb(step, x)
-    except torch.OutOfMemoryError:
-        row.error = "out of memory"
-    except (ImportError, AssertionError, ValueError, RuntimeError) as exc:  # not installed / unsupported
-        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    finally:
-        del x
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        if mm_rate:
+            row.pct_matmul = 100 * row.tflops / mm_rate
     return row
 
 
-# ---------------------------------------------------------------------------------------------------------
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _child(impl: str, n: int, hidden: int, vocab: int, alpha: float, repeats: int, mem_limit: int,
-           chunk_elems: int | None, queue) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
+def measure(impl: str, n: int, alpha: float, *, hidden: int, vocab: int, dtype: torch.dtype, device: str,
+            warmup: int, repeats: int, mm_rate: float | None = None, chunk_elems: int | None = None) -> OpRow:
+    """Time (and on CUDA, memory) of one forward + backward of `impl` in this process; errors become the
+    row's `error`. mm_rate: TFLOP/s of the reference torch.mm (None: no "% mm")."""
+    cuda = torch.device(device).type == "cuda"
     try:
-        import sdpo_fast.distill.chunked as chunked
-        from sdpo_fast import linear_distill
-
-        if chunk_elems:
-            chunked.DEFAULT_CHUNK_ELEMS = chunk_elems
-
-        torch.manual_seed(0)
-        hs = torch.randn(n, hidden) / hidden**0.25
-        ht = torch.randn(n, hidden) / hidden**0.25
-        w = (torch.randn(vocab, hidden) / hidden**0.5).requires_grad_(True)
-        wt = torch.randn(vocab, hidden) / hidden**0.5
-        y = torch.randint(0, vocab, (n,))
-        g_div, g_logp = torch.rand(n), torch.randn(n)
-        _touch_libraries(linear_distill, impl, hidden)  # BLAS/thread-pool start-up is not the op's memory
-        base_rss = _rss_bytes()
-        times = []
-        for _ in range(repeats + 1):  # the first run is warm-up
-            h = hs.clone().requires_grad_(True)
-            w.grad = None
-            start = time.perf_counter()
-            out = linear_distill(h, ht, w, y, teacher_weight=wt, alpha=alpha, impl=impl)
-            ((out.divergence * g_div).sum() + (out.student_logp * g_logp).sum()).backward()
-            times.append(time.perf_counter() - start)
-            del out, h
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        queue.put({"ms": 1e3 * statistics.median(times[1:]), "extra_mb": (peak - base_rss) / 2**20})
-    except (MemoryError, RuntimeError) as exc:
-        queue.put({"error": "out of memory" if "alloc" in str(exc).lower() or isinstance(exc, MemoryError)
-                   else str(exc)[:200]})
+        got = _case(impl, n, alpha, hidden, vocab, dtype, device, warmup, repeats, chunk_elems)
+        if not cuda:
+            got["extra_mb"] = None  # this process's RSS holds earlier cases: see measure_isolated
+    except torch.OutOfMemoryError:
+        got = {"error": "out of memory"}
+    except (ImportError, AssertionError, ValueError, RuntimeError) as exc:  # not installed / unsupported
+        got = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+    return _row(impl, n, alpha, hidden, vocab, mm_rate, got)
 
 
-def _touch_libraries(linear_distill, impl: str, hidden: int) -> None:
-    h = torch.randn(8, hidden, requires_grad=True)
-    w = torch.randn(64, hidden, requires_grad=True)
-    out = linear_distill(h, h.detach(), w, torch.zeros(8, dtype=torch.long), impl=impl)
-    (out.divergence.sum() + out.student_logp.sum()).backward()
+def _isolated_case(threads: int, *args) -> dict:
+    torch.set_num_threads(threads)
+    return _case(*args)
 
 
-def measure_isolated(impl: str, n: int, *, hidden: int, vocab: int, alpha: float, repeats: int,
-                     mem_limit_gb: float = 20.0, chunk_elems: int | None = None) -> dict:
-    """CPU fp32 forward + backward of `impl` in a fresh process: {"ms", "extra_mb"} or {"error"}.
-
-    extra_mb is the child's peak RSS minus its RSS once the inputs exist (it includes d(weight), which
-    every implementation must produce).
-    """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(impl, n, hidden, vocab, alpha, repeats, int(mem_limit_gb * 2**30),
-                                            chunk_elems, queue))
-    proc.start()
-    proc.join()
-    return queue.get() if not queue.empty() else {"error": f"child exited with code {proc.exitcode}"}
+def measure_isolated(impl: str, n: int, alpha: float, *, hidden: int, vocab: int, warmup: int, repeats: int,
+                     mm_rate: float | None = None, chunk_elems: int | None = None,
+                     mem_limit_gb: float = 20.0) -> OpRow:
+    """CPU fp32 `measure` in a fresh child process (as many torch threads as this one) under an address-space
+    limit of `mem_limit_gb`, with its peak RSS beyond the inputs as extra_mb (d(weight) included, which every
+    implementation produces)."""
+    got = in_child(_isolated_case, torch.get_num_threads(), impl, n, alpha, hidden, vocab, torch.float32, "cpu",
+                   warmup, repeats, chunk_elems, mem_limit_gb=mem_limit_gb)
+    return _row(impl, n, alpha, hidden, vocab, mm_rate, got)

@@ -54,17 +54,18 @@ def _ratio(value: float | None, pct: bool = False) -> str:
 
 
 def op_table(section: dict) -> str:
+    chunk = f", chunk of {section['chunk_elems']} elements" if section.get("chunk_elems") else ""
     lines = [f"fused op linear_distill fwd+bwd: H={section['hidden']} V={section['vocab']} {section['dtype']}, "
-             f"alpha={section['alpha']}, median of {section['repeats']}; "
-             f"torch.mm {section['matmul_tflops']:.3g} TFLOP/s",
-             f"{'N':>6} {'impl':>8} {'ms':>10} {'TFLOP/s':>8} {'% mm':>6} {'extra MB':>9} {'time/naive':>11} "
-             f"{'mem/naive':>10}"]
+             f"median of {section['repeats']}{chunk}; torch.mm {section['matmul_tflops']:.3g} TFLOP/s",
+             f"{'N':>6} {'alpha':>5} {'impl':>8} {'ms':>10} {'TFLOP/s':>8} {'% mm':>6} {'extra MB':>9} "
+             f"{'time/naive':>11} {'mem/naive':>10}"]
     for r in section["rows"]:
         if r.get("error"):
-            lines.append(f"{r['n']:>6} {r['impl']:>8}  {r['error']}")
+            lines.append(f"{r['n']:>6} {r['alpha']:>5} {r['impl']:>8}  {r['error']}")
             continue
         mem = f"{r['extra_mb']:9.0f}" if r.get("extra_mb") is not None else f"{'n/a':>9}"
-        lines.append(f"{r['n']:>6} {r['impl']:>8} {r['ms']:10.1f} {r['tflops']:8.3g} {r['pct_matmul']:6.1f} {mem} "
+        lines.append(f"{r['n']:>6} {r['alpha']:>5} {r['impl']:>8} {r['ms']:10.1f} {r['tflops']:8.3g} "
+                     f"{r['pct_matmul']:6.1f} {mem} "
                      f"{_ratio(r.get('time_vs_naive')):>11} {_ratio(r.get('memory_vs_naive'), pct=True):>10}")
     for a in section["anchors"]:
         lines.append(f"  anchor: {a['name']}: time {_ratio(a['time_ratio'])}, memory {_ratio(a['memory_ratio'], True)}")
@@ -102,16 +103,31 @@ def step_table(section: dict) -> str:
     return "\n".join(lines)
 
 
+def algorithm_table(section: dict) -> str:
+    lines = [f"algorithm layer: median of {section['repeats']} after {section['warmup']} warm-up"]
+    for r in section["rows"]:
+        if r["case"] == "build_teacher_contexts":
+            lines.append(f"  build_teacher_contexts, {r['rollouts']} rollouts: {r['teacher_rows']} teacher rows, "
+                         f"{r['teacher_tokens']} tokens, {r['ms']:.1f} ms ({r['tokens_per_s'] / 1e6:.2f} M tokens/s)")
+        else:
+            vs = "" if r["case"] == "ema foreach lerp" else f" ({_ratio(r['vs_foreach'])} the foreach lerp)"
+            lines.append(f"  {r['case']}, {r['params'] / 1e6:.0f}M fp32 params in {r['tensors']} tensors: "
+                         f"{r['ms']:.1f} ms{vs}")
+    return "\n".join(lines)
+
+
 def plot_op(section: dict, path: Path) -> Path:
     plt = _pyplot()
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for impl in dict.fromkeys(r["impl"] for r in section["rows"]):
-        rows = [r for r in section["rows"] if r["impl"] == impl and r.get("ms")]
+    alphas = dict.fromkeys(r["alpha"] for r in section["rows"])
+    for impl, alpha in dict.fromkeys((r["impl"], r["alpha"]) for r in section["rows"]):
+        label = impl if len(alphas) == 1 else f"{impl} alpha={alpha}"
+        rows = [r for r in section["rows"] if (r["impl"], r["alpha"]) == (impl, alpha) and r.get("ms")]
         if rows:
-            ax_t.plot([r["n"] for r in rows], [r["ms"] for r in rows], marker="o", label=impl)
+            ax_t.plot([r["n"] for r in rows], [r["ms"] for r in rows], marker="o", label=label)
         rows = [r for r in rows if r.get("extra_mb") is not None]
         if rows:
-            ax_m.plot([r["n"] for r in rows], [r["extra_mb"] for r in rows], marker="o", label=impl)
+            ax_m.plot([r["n"] for r in rows], [r["extra_mb"] for r in rows], marker="o", label=label)
     for ax, title in ((ax_t, "forward + backward (ms)"), (ax_m, "memory beyond inputs (MB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -158,8 +174,20 @@ def plot_step(section: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-TABLES = {"op": op_table, "scoring": scoring_table, "step": step_table}
-PLOTS = {"op": plot_op, "scoring": plot_scoring, "step": plot_step}
+def plot_algorithm(section: dict, path: Path) -> Path:
+    plt = _pyplot()
+    rows = section["rows"]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), [r["ms"] for r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), [r["case"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms (median)")
+    ax.set_title(f"algorithm layer on {section['device']}", fontsize=10)
+    return _save(fig, path)
+
+
+TABLES = {"op": op_table, "scoring": scoring_table, "step": step_table, "algorithm": algorithm_table}
+PLOTS = {"op": plot_op, "scoring": plot_scoring, "step": plot_step, "algorithm": plot_algorithm}
 
 
 def _pyplot():

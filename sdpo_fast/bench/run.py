@@ -1,10 +1,10 @@
-"""`sdpo-fast bench`: the op, scoring and step benchmarks that run on this device, in one command.
+"""`sdpo-fast bench`: the op, scoring, step and algorithm-layer benchmarks that run on this device, in one command.
 
 CPU: `linear_distill` naive vs chunked (time and peak RSS, each in its own process), shared-prefix scoring
-(dense and segments backends) vs the unshared batch, and training steps SDPO vs GRPO. CUDA adds the Triton
-op (and Liger-Kernel's fused JSD when installed) and the FlexAttention scoring backend. Prints ratio tables
-next to published anchors, and writes `bench.json` (device, date, commit, command, every row) and one PNG
-per section into the output directory.
+(dense and segments backends) vs the unshared batch, training steps SDPO vs GRPO, and teacher-context
+building and the EMA teacher update. CUDA adds the Triton op (and Liger-Kernel's fused JSD when installed)
+and the FlexAttention scoring backend. Prints ratio tables next to published anchors, and writes
+`bench.json` (device, date, commit, command, every row) and one PNG per section into the output directory.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from sdpo_fast.bench import report
 from sdpo_fast.bench.common import device_name, git_commit
-from sdpo_fast.bench.config import BenchConfig, OpOptions, ScoringOptions, StepOptions, command_line
+from sdpo_fast.bench.config import (AlgorithmOptions, BenchConfig, OpOptions, ScoringOptions, StepOptions,
+                                    command_line)
 from sdpo_fast.files import plain, write_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -42,32 +43,31 @@ def op_plan(opts: OpOptions, device: str) -> dict:
 
 
 def run_op(opts: OpOptions, device: str, bar: tqdm) -> dict:
-    from sdpo_fast.bench.op import OpRow, matmul_tflops, measure, measure_isolated
+    from sdpo_fast.bench.op import matmul_tflops, measure, measure_isolated
 
     plan = op_plan(opts, device)
     dtype = DTYPES[plan["dtype"]]
     mm_rate = matmul_tflops(device, dtype, 8192 if device == "cuda" else 1024, opts.warmup, opts.repeats)
     rows = []
     for n in plan["n"]:
-        for impl in plan["impls"]:
-            bar.set_postfix_str(f"op {impl} N={n}")
-            if device == "cuda":
-                row = measure(impl, n, opts.alpha, hidden=plan["hidden"], vocab=plan["vocab"], dtype=dtype,
-                              device=device, warmup=opts.warmup, repeats=opts.repeats, mm_rate=mm_rate)
-            else:  # a child process per case: its peak RSS is the op's memory
-                got = measure_isolated(impl, n, hidden=plan["hidden"], vocab=plan["vocab"], alpha=opts.alpha,
-                                       repeats=opts.repeats)
-                row = OpRow(impl, n, opts.alpha, ms=got.get("ms"), extra_mb=got.get("extra_mb"),
-                            error=got.get("error"))
-                if row.ms:
-                    row.tflops = 12 * n * plan["hidden"] * plan["vocab"] / (row.ms * 1e-3) / 1e12
-                    row.pct_matmul = 100 * row.tflops / mm_rate
-            rows.append(dataclasses.asdict(row))
-            bar.update(1)
+        for alpha in opts.alpha:
+            for impl in plan["impls"]:
+                bar.set_postfix_str(f"op {impl} N={n} alpha={alpha}")
+                chunk_elems = opts.chunk_elems if impl == "chunked" else None
+                shape = dict(hidden=plan["hidden"], vocab=plan["vocab"], warmup=opts.warmup, repeats=opts.repeats,
+                             mm_rate=mm_rate, chunk_elems=chunk_elems)
+                if device == "cuda":
+                    row = measure(impl, n, alpha, dtype=dtype, device=device, **shape)
+                else:  # a child process per case: its peak RSS is the op's memory
+                    row = measure_isolated(impl, n, alpha, mem_limit_gb=opts.mem_limit_gb, **shape)
+                rows.append(dataclasses.asdict(row))
+                bar.update(1)
     report.add_op_ratios(rows)
-    return {**plan, "alpha": opts.alpha, "warmup": opts.warmup, "repeats": opts.repeats, "matmul_tflops": mm_rate,
+    return {**plan, "alpha": opts.alpha, "chunk_elems": opts.chunk_elems, "warmup": opts.warmup,
+            "repeats": opts.repeats, "matmul_tflops": mm_rate,
             "memory": "peak CUDA memory beyond inputs and d(weight)" if device == "cuda"
-            else "peak RSS of a child process beyond its inputs (d(weight) included)",
+            else f"peak RSS of a child process beyond its inputs (d(weight) included), address space "
+                 f"limited to {opts.mem_limit_gb:g} GB",
             "rows": rows, "anchors": report.ANCHORS["op"]}
 
 
@@ -101,7 +101,19 @@ def run_step(opts: StepOptions, device: str, bar: tqdm) -> dict:
     return {**dataclasses.asdict(opts), "rows": rows, "anchors": report.ANCHORS["step"]}
 
 
-RUNNERS = {"op": run_op, "scoring": run_scoring, "step": run_step}
+def run_algorithm(opts: AlgorithmOptions, device: str, bar: tqdm) -> dict:
+    from sdpo_fast.bench.algorithm import ema_rows, teacher_contexts_row
+
+    bar.set_postfix_str("algorithm: teacher contexts")
+    rows = [teacher_contexts_row(opts.prompts, opts.group, opts.warmup, opts.repeats)]
+    bar.update(1)
+    bar.set_postfix_str("algorithm: EMA update")
+    rows += ema_rows(device, opts.warmup, opts.repeats)
+    bar.update(1)
+    return {**dataclasses.asdict(opts), "rows": rows}
+
+
+RUNNERS = {"op": run_op, "scoring": run_scoring, "step": run_step, "algorithm": run_algorithm}
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -109,10 +121,12 @@ def run_bench(cfg: BenchConfig) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     sections = list(dict.fromkeys(cfg.only))
     plan = op_plan(cfg.op, device)
-    ticks = {"op": len(plan["n"]) * len(plan["impls"]),
-             "scoring": len(cfg.scoring.shapes), "step": 2 * (cfg.step.warmup + cfg.step.steps)}
+    ticks = {"op": len(plan["n"]) * len(cfg.op.alpha) * len(plan["impls"]), "scoring": len(cfg.scoring.shapes),
+             "step": 2 * (cfg.step.warmup + cfg.step.steps), "algorithm": 2}
     record = {
         "device": device_name(device), "device_type": device,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),

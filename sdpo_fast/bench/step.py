@@ -8,8 +8,9 @@ plus weight sync with vLLM), with throughput and, on NVIDIA GPUs, the telemetry 
 from __future__ import annotations
 
 import statistics
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from sdpo_fast.algorithm.config import LossConfig
 from sdpo_fast.rollout.sampling import SamplingConfig
@@ -30,30 +31,44 @@ def step_config(algorithm: str, *, model: str, task: str, prompts: int, rollouts
                        eval=EvalOptions(problems=0))
 
 
+@contextmanager
+def step_functions(configs: dict[str, TrainConfig]) -> Iterator[dict[str, Callable[[], dict]]]:
+    """{name: function running that config's trainer one step and returning the step's metrics}; the
+    trainers are closed on exit."""
+    from sdpo_fast.train.trainer import Trainer
+
+    trainers = {name: Trainer(cfg) for name, cfg in configs.items()}
+
+    def stepper(trainer: Trainer) -> Callable[[], dict]:
+        def step() -> dict:
+            trainer.step += 1
+            return trainer.train_step()
+        return step
+
+    try:
+        yield {name: stepper(trainer) for name, trainer in trainers.items()}
+    finally:
+        for trainer in trainers.values():
+            trainer.evaluator.close()
+            if trainer.vllm is not None:
+                trainer.vllm.close()
+
+
 def run_steps(configs: dict[str, TrainConfig], *, warmup: int = 1, steps: int = 3,
               tick: Callable[[], None] | None = None) -> list[dict]:
     """Rows {algorithm, <phase medians>, tokens_per_s, steps, gpu telemetry} for each named config.
 
     tick: called after every step (a progress bar's update).
     """
-    from sdpo_fast.train.trainer import Trainer
-
-    trainers = {name: Trainer(cfg) for name, cfg in configs.items()}
-    records: dict[str, list[dict]] = {name: [] for name in trainers}
-    try:
+    records: dict[str, list[dict]] = {name: [] for name in configs}
+    with step_functions(configs) as functions:
         for k in range(warmup + steps):
-            for name, trainer in trainers.items():
-                trainer.step += 1
-                metrics = trainer.train_step()
+            for name, step in functions.items():
+                metrics = step()
                 if k >= warmup:
                     records[name].append(metrics)
                 if tick is not None:
                     tick()
-    finally:
-        for trainer in trainers.values():
-            trainer.evaluator.close()
-            if trainer.vllm is not None:
-                trainer.vllm.close()
     rows = []
     for name, recs in records.items():
         row = {"algorithm": name, "steps": len(recs)}
