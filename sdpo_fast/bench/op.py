@@ -22,8 +22,7 @@ import torch
 
 from sdpo_fast.bench.common import median_times
 from sdpo_fast.bench.memory import PeakMemory, in_child
-
-IGNORE = -100
+from sdpo_fast.distill import IGNORE_INDEX as IGNORE
 
 
 @dataclass

@@ -49,9 +49,7 @@ def step_functions(configs: dict[str, TrainConfig]) -> Iterator[dict[str, Callab
         yield {name: stepper(trainer) for name, trainer in trainers.items()}
     finally:
         for trainer in trainers.values():
-            trainer.evaluator.close()
-            if trainer.vllm is not None:
-                trainer.vllm.close()
+            trainer.close()
 
 
 def run_steps(configs: dict[str, TrainConfig], *, warmup: int = 1, steps: int = 3,
