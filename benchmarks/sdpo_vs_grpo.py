@@ -36,10 +36,12 @@ from sdpo_fast.files import save_figure, write_json
 
 TRAIN_PHASES = ("time/score_s", "time/update_s")
 # Per-step values kept for every run: what the self-teacher does (sdpo_fast.algorithm.diagnostics), how
-# many groups fail entirely, and response length.
-MECHANISM = ("reward/mean", "response/length_mean", "groups/all_failed_frac", "teacher/seq_adv_auc",
-             "teacher/answer_adv_failed", "teacher/answer_adv_success", "teacher/answer_div_concentration",
-             "teacher/all_failed_teacher_frac", "teacher/all_failed_div", "reprompt/feedback_used_fraction")
+# many groups fail entirely (groups/*: runs with a teacher) or have a single reward value
+# (reward/zero_std_group_frac, every run: GRPO's advantage is zero there), and response length.
+MECHANISM = ("reward/mean", "response/length_mean", "groups/all_failed_frac", "reward/zero_std_group_frac",
+             "teacher/seq_adv_auc", "teacher/answer_adv_failed", "teacher/answer_adv_success",
+             "teacher/answer_div_concentration", "teacher/all_failed_teacher_frac", "teacher/all_failed_div",
+             "reprompt/feedback_used_fraction")
 # Config keys that must agree for runs of different results files to share one table (the loss section
 # is what varies between algorithms, and its spelling changed when loss.mode replaced full_logit_distillation).
 COMPARABLE = ("model", "task", "task_options", "teacher", "tau", "max_steps", "prompts_per_step",
