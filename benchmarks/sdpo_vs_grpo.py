@@ -217,12 +217,16 @@ def plot(runs: dict, algorithms: list[str], path: Path, task: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for algorithm, color in zip(algorithms, ("tab:blue", "tab:orange", "tab:green")):
+    # Per-seed curves are thin and shifted sideways by algorithm, so that equal accuracies stay visible.
+    span = max(g for r in runs.values() for g in r["generations"]) or 1
+    for i, (algorithm, color) in enumerate(zip(algorithms, ("tab:blue", "tab:orange", "tab:green"))):
         mine = [r for r in runs.values() if r["algorithm"] == algorithm]
+        shift = (i - (len(algorithms) - 1) / 2) * span / 80
         for r in mine:
-            ax.scatter(r["generations"], r["accuracy"], color=color, alpha=0.3, s=12)
+            ax.plot(np.array(r["generations"]) + shift, r["accuracy"], color=color, alpha=0.35, lw=0.8,
+                    ls="--", marker=".", ms=5)
         ax.plot(mine[0]["generations"], np.mean([r["accuracy"] for r in mine], 0), color=color, marker="o",
-                label=f"{algorithm} (mean of {len(mine)} seeds)")
+                label=f"{algorithm} (mean of {len(mine)} seeds; dashed: each seed)")
     ax.set_xlabel("generations (rollouts sampled)")
     ax.set_ylabel("held-out accuracy (greedy)")
     ax.set_title(f"SDPO vs GRPO on {task}")
