@@ -11,6 +11,10 @@ algorithm and seed), evaluating every `--eval-every` steps, then writes:
   step-time ratio properly (interleaved, one process).
 
     python benchmarks/sdpo_vs_grpo.py --config configs/demo.yaml --seeds 0 1 2 --jobs 2
+
+`--prior FILE ...` adds the runs of earlier results files of the same setting (checked: the same model,
+task, sampling, optimizer, teacher context, evaluation and budget), so only the missing (algorithm, seed)
+pairs run; `--rename OLD=NEW` gives their algorithms today's names. Each such run keeps where it came from.
 """
 
 from __future__ import annotations
@@ -32,10 +36,16 @@ from sdpo_fast.files import save_figure, write_json
 
 TRAIN_PHASES = ("time/score_s", "time/update_s")
 # Per-step values kept for every run: what the self-teacher does (sdpo_fast.algorithm.diagnostics), how
-# many groups fail entirely, and response length.
-MECHANISM = ("reward/mean", "response/length_mean", "groups/all_failed_frac", "teacher/seq_adv_auc",
-             "teacher/answer_adv_failed", "teacher/answer_adv_success", "teacher/answer_div_concentration",
-             "teacher/all_failed_teacher_frac", "teacher/all_failed_div", "reprompt/feedback_used_fraction")
+# many groups fail entirely (groups/*: runs with a teacher) or have a single reward value
+# (reward/zero_std_group_frac, every run: GRPO's advantage is zero there), and response length.
+MECHANISM = ("reward/mean", "response/length_mean", "groups/all_failed_frac", "reward/zero_std_group_frac",
+             "teacher/seq_adv_auc", "teacher/answer_adv_failed", "teacher/answer_adv_success",
+             "teacher/answer_div_concentration", "teacher/all_failed_teacher_frac", "teacher/all_failed_div",
+             "reprompt/feedback_used_fraction")
+# Config keys that must agree for runs of different results files to share one table (the loss section
+# is what varies between algorithms, and its spelling changed when loss.mode replaced full_logit_distillation).
+COMPARABLE = ("model", "task", "task_options", "teacher", "tau", "max_steps", "prompts_per_step",
+              "rollouts_per_prompt", "sampling", "optim", "reprompt", "eval")
 
 
 def run(config: Path, algorithm: str, seed: int, out: Path, extra: list[str], max_steps: int) -> list[dict]:
@@ -82,6 +92,40 @@ def step_times(rows: list[dict]) -> dict[str, float]:
             "response_len": float(np.mean([r["response/length_mean"] for r in steps]))}
 
 
+def load_prior(paths: list[Path], cfg: dict, max_steps: int, rename: dict[str, str]) -> dict[str, dict]:
+    """The runs of earlier results files, keyed "algorithm/seed" with algorithms renamed by `rename`; each
+    run gets a "source" (file, commit, date, command, original algorithm name). ValueError when a file's
+    setting differs from `cfg` in a COMPARABLE key or in `max_steps`, or when two files disagree on a run."""
+    runs: dict[str, dict] = {}
+    for path in paths:
+        record = json.loads(path.read_text())
+        prior_cfg = {**record["config"], "max_steps": record["max_steps"]}
+        mine = {**cfg, "max_steps": max_steps}
+        differ = [k for k in COMPARABLE if prior_cfg.get(k) != mine.get(k)]
+        if differ:
+            raise ValueError(f"--prior {path}: its runs differ from --config in {', '.join(differ)}")
+        for run_ in record["runs"].values():
+            algorithm = rename.get(run_["algorithm"], run_["algorithm"])
+            key = f"{algorithm}/{run_['seed']}"
+            if key in runs and runs[key]["accuracy"] != run_["accuracy"]:
+                raise ValueError(f"--prior {path}: run {key} differs from the one in {runs[key]['source']['file']}")
+            source = {"file": str(path), "commit": record["commit"], "date": record["date"],
+                      "command": record["command"], "algorithm": run_["algorithm"]}
+            runs.setdefault(key, {**run_, "algorithm": algorithm, "source": source})
+    return runs
+
+
+def parse_rename(pairs: list[str]) -> dict[str, str]:
+    """{"old": "new"} from ["old=new", ...]; ValueError naming --rename on a malformed pair."""
+    out = {}
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not (sep and old and new):
+            raise ValueError(f"--rename: expected OLD=NEW, got {pair!r}")
+        out[old] = new
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="training YAML shared by every run")
@@ -92,24 +136,35 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/sdpo_vs_grpo"))
     parser.add_argument("--max-steps", type=int, help="steps per run (default: the config's max_steps)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one thread each)")
+    parser.add_argument("--prior", type=Path, nargs="+", default=[],
+                        help="results JSON files whose runs (same setting) are reused instead of rerun")
+    parser.add_argument("--rename", nargs="+", default=[], metavar="OLD=NEW",
+                        help="algorithm names of --prior runs to replace, e.g. sdpo=sdpo_token")
     args, extra = parser.parse_known_args()
     cfg = yaml.safe_load(args.config.read_text())
     per_step = cfg.get("prompts_per_step", 8) * cfg.get("rollouts_per_prompt", 4)
     max_steps = args.max_steps or cfg["max_steps"]
+    try:
+        prior = load_prior(args.prior, cfg, max_steps, parse_rename(args.rename))
+    except ValueError as e:
+        parser.error(str(e))
 
-    jobs = [(a, s) for a in args.algorithms for s in args.seeds]
+    wanted = [(a, s) for a in args.algorithms for s in args.seeds]
+    jobs = [(a, s) for a, s in wanted if f"{a}/{s}" not in prior]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = pool.map(lambda job: run(args.config, *job, args.runs_dir, extra, max_steps), jobs)
-        runs = {}
+        fresh = {}
         for (algorithm, seed), rows in zip(jobs, results):
             gens, acc = curve(rows, per_step)
-            runs[f"{algorithm}/{seed}"] = {"algorithm": algorithm, "seed": seed, "generations": gens,
-                                           "accuracy": acc, "times": step_times(rows),
-                                           "per_step": per_step_values(rows)}
+            fresh[f"{algorithm}/{seed}"] = {"algorithm": algorithm, "seed": seed, "generations": gens,
+                                            "accuracy": acc, "times": step_times(rows),
+                                            "per_step": per_step_values(rows)}
+    runs = {f"{a}/{s}": {**prior, **fresh}[f"{a}/{s}"] for a, s in wanted}
 
     table = summarise(runs, args.algorithms)
     record = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": device_name("cpu"),
               "command": " ".join(sys.argv), "config": cfg, "max_steps": max_steps, "jobs": args.jobs,
+              "prior": [str(p) for p in args.prior],
               "runs": runs, "summary": table}
     write_json(args.out / f"{args.name}.json", record)
     plot(runs, args.algorithms, args.out / f"{args.name}.png", cfg.get("task", "?"))
@@ -162,12 +217,16 @@ def plot(runs: dict, algorithms: list[str], path: Path, task: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for algorithm, color in zip(algorithms, ("tab:blue", "tab:orange", "tab:green")):
+    # Per-seed curves are thin and shifted sideways by algorithm, so that equal accuracies stay visible.
+    span = max(g for r in runs.values() for g in r["generations"]) or 1
+    for i, (algorithm, color) in enumerate(zip(algorithms, ("tab:blue", "tab:orange", "tab:green"))):
         mine = [r for r in runs.values() if r["algorithm"] == algorithm]
+        shift = (i - (len(algorithms) - 1) / 2) * span / 80
         for r in mine:
-            ax.scatter(r["generations"], r["accuracy"], color=color, alpha=0.3, s=12)
+            ax.plot(np.array(r["generations"]) + shift, r["accuracy"], color=color, alpha=0.35, lw=0.8,
+                    ls="--", marker=".", ms=5)
         ax.plot(mine[0]["generations"], np.mean([r["accuracy"] for r in mine], 0), color=color, marker="o",
-                label=f"{algorithm} (mean of {len(mine)} seeds)")
+                label=f"{algorithm} (mean of {len(mine)} seeds; dashed: each seed)")
     ax.set_xlabel("generations (rollouts sampled)")
     ax.set_ylabel("held-out accuracy (greedy)")
     ax.set_title(f"SDPO vs GRPO on {task}")
