@@ -76,8 +76,7 @@ def _step(variant: str, mode: str, args: argparse.Namespace) -> dict:
         losses.append(loss.detach().item())
 
     memory = PeakMemory(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    (seconds,) = median_times([step], warmup=0, repeats=args.repeats, sync=sync)
+    (seconds,) = median_times([step], warmup=0, repeats=args.repeats, device=device)
     return {"step_mb": memory.extra_bytes() / 2**20, "ms": 1e3 * seconds, "loss": losses[0]}
 
 

@@ -99,9 +99,9 @@ def skipped(reason: str, **figures) -> dict:
 
 
 def _dtype(plan: Plan):
-    import torch
+    from sdpo_fast.bench.run import DTYPES
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.dtype]
+    return DTYPES[plan.dtype]
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -272,19 +272,6 @@ def section_correctness(plan: Plan, deadline: float) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- op benchmark
-def _matmul_rate(plan: Plan, m: int, k: int, n: int) -> float:
-    """TFLOP/s of torch.mm [m, k] x [k, n] in the plan's dtype (the op's GEMM shape: N x H times H x V)."""
-    import torch
-
-    from sdpo_fast.bench.common import median_times
-
-    a = torch.randn(m, k, device=plan.device).to(_dtype(plan))
-    b = torch.randn(k, n, device=plan.device).to(_dtype(plan))
-    sync = torch.cuda.synchronize if plan.device == "cuda" else None
-    (seconds,) = median_times([lambda: torch.mm(a, b)], plan.warmup, plan.repeats, sync=sync)
-    return 2 * m * k * n / seconds / 1e12
-
-
 def section_op_benchmark(plan: Plan, deadline: float) -> dict:
     """docs/kernels.md's benchmark: forward + backward per impl, N and alpha (sdpo_fast.bench.op.measure)."""
     import torch
@@ -305,7 +292,8 @@ def section_op_benchmark(plan: Plan, deadline: float) -> dict:
                else "not measured on CPU", "liger": "timed" if liger else "liger_kernel not installed",
                "rows": rows, "not_run": missing}
     for n in plan.n:
-        same_shape = _matmul_rate(plan, n, plan.hidden, plan.vocab)
+        same_shape = matmul_tflops(plan.device, dtype, plan.mm_size, plan.warmup, plan.repeats,
+                                   shape=(n, plan.hidden, plan.vocab))  # the op's GEMM: N x H times H x V
         for alpha in plan.bench_alphas:
             for impl in impls:
                 if time.time() > deadline:
@@ -327,19 +315,6 @@ def section_op_benchmark(plan: Plan, deadline: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- CUDA graphs
-def _graph_step(impl: str, x: dict) -> Callable[[], list]:
-    """Forward + backward of the op on `x` (hs, w leaves; grads reset first); returns the outputs and grads."""
-    from sdpo_fast import linear_distill
-
-    def step() -> list:
-        x["hs"].grad = x["w"].grad = None
-        out = linear_distill(x["hs"], x["ht"], x["w"], x["targets"], teacher_weight=x["wt"], alpha=0.5, impl=impl)
-        ((out.divergence * x["g_div"]).sum() + (out.student_logp * x["g_logp"]).sum()).backward()
-        return [out.divergence, out.student_logp, x["hs"].grad, x["w"].grad]
-
-    return step
-
-
 def _sync_warnings(step: Callable[[], list]) -> list[str]:
     """Messages of the host synchronisations one call of `step` makes (torch's sync debug mode)."""
     import torch
@@ -361,12 +336,12 @@ def section_cuda_graph(plan: Plan, deadline: float, impl: str) -> dict:
         return skipped("CUDA graphs need a CUDA device")
     import torch
 
-    from sdpo_fast.bench.op import make_inputs
+    from sdpo_fast.bench.op import make_inputs, make_step
 
     dtype = _dtype(plan)
     static = make_inputs(plan.graph_n, plan.hidden, plan.vocab, dtype, "cuda", seed=1)
     fresh = make_inputs(plan.graph_n, plan.hidden, plan.vocab, dtype, "cuda", seed=2)
-    step = _graph_step(impl, static)
+    step = make_step(impl, static, 0.5)
     step()  # compilation and autotuning (which synchronise) stay out of the count
     syncs = _sync_warnings(step)
     figures = {"impl": impl, "n": plan.graph_n, "hidden": plan.hidden, "vocab": plan.vocab, "dtype": plan.dtype,
@@ -392,7 +367,7 @@ def section_cuda_graph(plan: Plan, deadline: float, impl: str) -> dict:
     graph.replay()
     torch.cuda.synchronize()
     replayed = [t.clone() for t in captured]
-    eager = _graph_step(impl, fresh)()
+    eager = make_step(impl, fresh, 0.5)()
     names = ("divergence", "student_logp", "d_student_hidden", "d_weight")
     diffs = {name: (a.double() - b.double()).abs().max().item() for name, a, b in zip(names, replayed, eager)}
     scales = {name: b.abs().max().item() for name, b in zip(names, eager)}
@@ -405,12 +380,13 @@ def section_cuda_graph(plan: Plan, deadline: float, impl: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ bench
 def section_bench(plan: Plan, deadline: float) -> dict:
-    """`sdpo-fast bench --only op scoring` through the bench library (its GPU defaults; tiny on a dry run)."""
+    """`sdpo-fast bench --only op scoring` through the bench library: scoring at its GPU defaults, the op at one
+    Triton case (op_benchmark has already timed the op's full table); tiny on a dry run."""
     from sdpo_fast.bench import report
     from sdpo_fast.bench.config import BenchConfig, OpOptions, ScoringOptions, command_line
     from sdpo_fast.bench.run import run_bench
 
-    options = {}
+    options = {"op": OpOptions(n=[2048], impls=["triton"])}
     if plan.dry:
         options = {"op": OpOptions(n=[64], hidden=64, vocab=1003, impls=["chunked"], warmup=0, repeats=1),
                    "scoring": ScoringOptions(shapes=["16x8"], g=2, demo=8, layers=1, hidden=32, warmup=0, repeats=1)}

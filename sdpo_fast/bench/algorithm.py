@@ -72,8 +72,7 @@ def ema_rows(device: str, warmup: int, repeats: int) -> list[dict]:
             for t, s in zip(teacher.parameters(), student.parameters()):
                 t.mul_(1 - EMA_RATE).add_(s, alpha=EMA_RATE)
 
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
-    fused, plain = median_times([lambda: ema_update(teacher, student, EMA_RATE), loop], warmup, repeats, sync=sync)
+    fused, plain = median_times([lambda: ema_update(teacher, student, EMA_RATE), loop], warmup, repeats, device=device)
     info = {"params": params, "tensors": tensors}
     return [{"case": "ema foreach lerp", "ms": 1e3 * fused, **info, "vs_foreach": 1.0},
             {"case": "ema per-parameter mul_/add_", "ms": 1e3 * plain, **info, "vs_foreach": plain / fused}]

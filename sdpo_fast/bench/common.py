@@ -14,13 +14,14 @@ import torch
 
 
 def median_times(fns: Sequence[Callable[[], object]], warmup: int = 1, repeats: int = 5,
-                 sync: Callable[[], None] | None = None) -> list[float]:
+                 device: str | torch.device = "cpu") -> list[float]:
     """Median seconds of each function, called in turn (so machine noise hits all alike) after `warmup` rounds.
 
-    sync: called before reading the clock (e.g. torch.cuda.synchronize), so asynchronous work is counted.
+    device: where the functions run; on CUDA the clock is read after a synchronize, so asynchronous work counts.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     times: list[list[float]] = [[] for _ in fns]
     for rep in range(warmup + repeats):
         for fn, bucket in zip(fns, times):

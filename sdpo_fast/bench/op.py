@@ -56,8 +56,9 @@ def make_inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: str
     )
 
 
-def make_step(impl: str, x: dict, alpha: float, chunk_elems: int | None = None) -> Callable[[], None]:
-    """One forward + backward of `impl` on the inputs `x` (gradients reset first)."""
+def make_step(impl: str, x: dict, alpha: float, chunk_elems: int | None = None) -> Callable[[], list | None]:
+    """One forward + backward of `impl` on the inputs `x` (gradients reset first); the step returns
+    [divergence, student log-probs, d(hs), d(w)] (None for liger, whose loss is a scalar)."""
     if chunk_elems is not None and impl != "chunked":
         raise ValueError(f"chunk_elems applies to impl 'chunked' only, got impl {impl!r}")
     if impl == "liger":
@@ -85,24 +86,24 @@ def make_step(impl: str, x: dict, alpha: float, chunk_elems: int | None = None) 
                                           temperature=1.0, topk=None, add_tail=True, ignore_index=IGNORE,
                                           chunk_elems=chunk_elems)
 
-    def step() -> None:
+    def step() -> list:
         x["hs"].grad = x["w"].grad = None
         out = forward()
         ((out.divergence * x["g_div"]).sum() + (out.student_logp * x["g_logp"]).sum()).backward()
+        return [out.divergence, out.student_logp, x["hs"].grad, x["w"].grad]
 
     return step
 
 
-def _sync(device: str) -> Callable[[], None] | None:
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
-
-
-def matmul_tflops(device: str, dtype: torch.dtype, size: int, warmup: int, repeats: int) -> float:
-    """Measured rate of a square torch.mm in `dtype` (the reference for "% mm")."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    (seconds,) = median_times([lambda: torch.mm(a, b)], warmup, repeats, sync=_sync(device))
-    return 2 * size**3 / seconds / 1e12
+def matmul_tflops(device: str, dtype: torch.dtype, size: int, warmup: int, repeats: int,
+                  shape: tuple[int, int, int] | None = None) -> float:
+    """Measured rate of torch.mm in `dtype` (the reference for "% mm"): square `size`, or [m, k] x [k, n]
+    for `shape` (m, k, n)."""
+    m, k, n = shape or (size,) * 3
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    (seconds,) = median_times([lambda: torch.mm(a, b)], warmup, repeats, device=device)
+    return 2 * m * k * n / seconds / 1e12
 
 
 def _case(impl: str, n: int, alpha: float, hidden: int, vocab: int, dtype: torch.dtype, device: str,
@@ -113,7 +114,7 @@ def _case(impl: str, n: int, alpha: float, hidden: int, vocab: int, dtype: torch
     x = make_inputs(n, hidden, vocab, dtype, device)
     step = make_step(impl, x, alpha, chunk_elems)
     memory = PeakMemory(device)
-    (seconds,) = median_times([step], warmup, repeats, sync=_sync(device))
+    (seconds,) = median_times([step], warmup, repeats, device=device)
     extra = memory.extra_bytes()
     if memory.cuda:
         extra -= x["w"].numel() * x["w"].element_size()

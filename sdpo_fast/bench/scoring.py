@@ -99,8 +99,8 @@ def run_shape(model, prompt: int, response: int, *, g: int = 8, demo: int = 128,
     variants = scoring_variants(model, prompt, response, g=g, demo=demo, backends=backends,
                                 max_row_tokens=max_row_tokens)
     keys = list(variants)
-    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else None
-    seconds = dict(zip(keys, median_times([variants[k][0] for k in keys], warmup, repeats, sync=sync)))
+    seconds = dict(zip(keys, median_times([variants[k][0] for k in keys], warmup, repeats,
+                                                     device=next(model.parameters()).device)))
     rows = []
     for task, variant in sorted(keys, key=lambda k: k[0], reverse=True):
         ref_tokens, ref_s = variants[(task, "unshared")][1], seconds[(task, "unshared")]
