@@ -32,6 +32,8 @@ Undefined values (no pairs, no answer tokens) are NaN.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -54,17 +56,25 @@ def answer_char_span(text: str) -> tuple[int, int] | None:
 
 
 def answer_token_mask(tokenizer, ids: list[int]) -> torch.Tensor:
-    """[len(ids)] bool: the tokens whose decoded text overlaps `answer_char_span` of the decoded response."""
-    ends = [len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True)) for k in range(len(ids))]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    """[len(ids)] bool: the tokens whose decoded text overlaps `answer_char_span` of the decoded response.
+
+    Token k spans [end(k - 1), end(k)) of the text, end(k) being the length of the decoded prefix
+    ids[:k + 1]. Prefix lengths grow with k, so the span's first and last tokens are found by bisection:
+    O(log T) prefix decodes instead of T (this runs on every rollout of every training step)."""
     mask = torch.zeros(len(ids), dtype=torch.bool)
-    span = answer_char_span(text)
+    span = answer_char_span(tokenizer.decode(ids, skip_special_tokens=True))
     if span is None:
         return mask
-    start = 0
-    for k, end in enumerate(ends):
-        mask[k] = start < span[1] and end > span[0] and end > start
-        start = end
+
+    @functools.cache
+    def end(k: int) -> int:
+        return len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True)) if k >= 0 else 0
+
+    tokens = range(len(ids))
+    first = bisect.bisect_left(tokens, True, key=lambda k: end(k) > span[0])  # first token ending after it starts
+    stop = bisect.bisect_left(tokens, True, key=lambda k: end(k - 1) >= span[1])  # first starting at its end
+    for k in range(first, stop):
+        mask[k] = end(k) > end(k - 1)  # tokens that decode to no text of their own stay out
     return mask
 
 

@@ -22,7 +22,7 @@ import tyro
 import typeguard
 import yaml
 
-from sdpo_fast.algorithm.config import TEACHER_MODES, LossConfig, RepromptConfig, TeacherMode
+from sdpo_fast.algorithm.config import LossConfig, RepromptConfig, TeacherMode
 from sdpo_fast.files import plain
 from sdpo_fast.rollout.sampling import SamplingConfig
 
@@ -266,8 +266,6 @@ class TrainConfig:
         if self.save_every and not self.keep_checkpoints:
             raise ValueError(f"save_every={self.save_every} needs keep_checkpoints >= 1 (0 writes no checkpoint)")
         _unit("tau", self.tau)
-        if self.teacher not in TEACHER_MODES:  # also checked by check_types; kept for a direct message
-            raise ValueError(f"teacher must be one of {TEACHER_MODES}, got {self.teacher!r}")
         if self.sampling.temperature <= 0:
             raise ValueError(f"sampling.temperature must be > 0 for training (it divides the logits of the loss), "
                              f"got {self.sampling.temperature!r}")

@@ -15,17 +15,16 @@ the diagnostics of `sdpo_fast.algorithm.diagnostics` plus one the trainer cannot
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import torch
 
-from sdpo_fast.algorithm import RepromptConfig, build_teacher_contexts
+from sdpo_fast.algorithm import build_teacher_contexts
 from sdpo_fast.algorithm.diagnostics import RolloutScores, answer_char_span, answer_token_mask, teacher_diagnostics
 from sdpo_fast.algorithm.diagnostics import verdict
 from sdpo_fast.distill import DistillOutput, linear_distill
 from sdpo_fast.integrations.hf import completion_hidden, head_weight
 from sdpo_fast.models import load_model, load_tokenizer
-from sdpo_fast.rollout import SamplingConfig, generate
+from sdpo_fast.rollout import generate
 from sdpo_fast.train.config import TrainConfig
 from sdpo_fast.train.data import load_task
 from sdpo_fast.train.evaluate import eos_ids, prompt_ids
@@ -50,12 +49,12 @@ def run_preflight(cfg: TrainConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, seed=cfg.seed).to(device).eval()
-    task = load_task(cfg.task, seed=cfg.seed, heldout_size=1, options=cfg.task_options)
+    task = load_task(cfg.task, seed=cfg.seed, heldout_size=1, options=cfg.task_options, data=cfg.data)
     problems = task.batch(1, cfg.prompts_per_step, cfg.seed)
     messages = [task.messages(p) for p in problems]
     prompts = [prompt_ids(tokenizer, m) for m in messages]
-    sampling = SamplingConfig(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p)
-    rollouts = generate(model, prompts, cfg.rollouts_per_prompt, sampling, eos_token_ids=eos_ids(tokenizer),
+    eos = eos_ids(tokenizer)
+    rollouts = generate(model, prompts, cfg.rollouts_per_prompt, cfg.sampling, eos_token_ids=eos,
                         pad_token_id=tokenizer.pad_token_id, batch_size=cfg.generation_batch_size)
     responses = rollouts.responses
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -63,7 +62,7 @@ def run_preflight(cfg: TrainConfig) -> dict[str, float]:
     evals = [task.env.evaluate(problems[g], text) for g, text in zip(groups, texts)]
     rewards = [e.reward for e in evals]
     ctx = build_teacher_contexts(tokenizer, [messages[g] for g in groups], responses, rewards, groups,
-                                 [e.feedback for e in evals], RepromptConfig(**asdict(cfg.reprompt)))
+                                 [e.feedback for e in evals], cfg.reprompt)
 
     scores: dict[int, RolloutScores] = {}
     gains, teacher_lp, student_lp = [], [], []
@@ -77,7 +76,7 @@ def run_preflight(cfg: TrainConfig) -> dict[str, float]:
         if ctx.success[i] or correct is None or span is None:
             continue
         fixed = tokenizer.encode(texts[i][: span[0]] + correct + texts[i][span[1]:], add_special_tokens=False)
-        fixed += responses[i][-1:] if responses[i][-1] in eos_ids(tokenizer) else []
+        fixed += responses[i][-1:] if responses[i][-1] in eos else []
         mask = answer_token_mask(tokenizer, fixed)
         if not mask.any():
             continue

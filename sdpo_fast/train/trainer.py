@@ -220,10 +220,9 @@ class Trainer:
         lengths = [len(r) for r in rollouts.responses]
         tokens = sum(lengths) + sum(len(s) for s in rollouts.prompts) * G
         metrics = mean_over_ranks({"loss": loss_value, **loss_metrics}, self.rt.device)
-        metrics.update(rollout_metrics(concat_over_ranks(rewards), concat_over_ranks(lengths),
-                                       concat_over_ranks(list(rollouts.truncated)),
-                                       concat_over_ranks(["error" in e.details for e in evals]), G,
-                                       cfg.reprompt.success_reward_threshold))
+        errors = ["error" in e.details for e in evals]
+        rows = concat_over_ranks(list(zip(rewards, lengths, rollouts.truncated, errors)))  # one gather
+        metrics.update(rollout_metrics(*map(list, zip(*rows)), G, cfg.reprompt.success_reward_threshold))
         metrics.update({
             "grad_norm": float(grad_norm),
             "lr": lr,
@@ -282,7 +281,7 @@ class Trainer:
         group = dist.group.WORLD if self.rt.world_size > 1 else None
         agg = Aggregator.for_batch(mask, lcfg.agg_mode, norm_length=cfg.sampling.max_new_tokens, process_group=group)
         advantages = (grpo_advantages(rewards, batch.groups, norm_by_std=lcfg.grpo_norm_by_std)
-                      if lcfg.mode in ("grpo", "blend") else None)
+                      if lcfg.uses_group_advantage else None)
         targets = torch.where(mask, batch.targets, IGNORE_INDEX).to(dev)
         distill = dict(temperature=cfg.sampling.temperature, **lcfg.distill_kwargs())
 
