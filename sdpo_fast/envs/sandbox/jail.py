@@ -91,14 +91,12 @@ def enter(plan: Plan) -> None:
         _supervise(plan, first, status_r, status_w)  # never returns
     os.close(status_r)
     _die_with_parent()
+    prepare_files(plan)  # before the init forks: its program shares the mounts
     if plan.pidns:
-        prepare_files(plan)
         program = os.fork()
         if program:
             _init(program, status_w)  # never returns
     os.close(status_w)
-    if not plan.pidns:
-        prepare_files(plan)
     become_program(plan, procs_fd)
 
 

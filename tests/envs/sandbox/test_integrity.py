@@ -23,9 +23,9 @@ import time
 import pytest
 
 from sdpo_fast.envs import CodeEnv
-from sdpo_fast.envs.sandbox import Limits, Sandbox, SandboxEnded, isolation_support, jail, process, run_stdio
-from sdpo_fast.envs.sandbox.slots import pids_of_uid
+from sdpo_fast.envs.sandbox import Limits, Sandbox, SandboxEnded, jail, process, run_stdio
 from tests.conftest import REPO
+from tests.envs.sandbox.conftest import ROOT, sysv_objects
 
 LIMITS = Limits(cpu_s=1.0, wall_s=2.0, memory_mb=256, processes=8, file_mb=4, output_bytes=1 << 16)
 ENV = CodeEnv(limits=LIMITS, reward_mode="all")
@@ -33,49 +33,8 @@ ENV = CodeEnv(limits=LIMITS, reward_mode="all")
 # namespaces, reaping, removing the cgroup. Measured well under 0.2 s on 2 loaded cores (see
 # test_deadline_margin_is_measured); 1 s keeps the tests steady under CI load.
 MARGIN_S = 1.0
-WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-
-
-@pytest.fixture(scope="module")
-def support():
-    return isolation_support()
-
-
 def block(code: str) -> str:
     return f"```python\n{code}\n```"
-
-
-def sandbox_leftovers(uid: int) -> list[str]:
-    """Anything on the host that belongs to sandbox uid `uid` (this evaluator's; other evaluators on
-    the machine have their own): processes, System V objects, keys, files, and run cgroups."""
-    found = []
-    for kind in ("shm", "msg", "sem"):
-        with open(f"/proc/sysvipc/{kind}") as f:
-            header, *rows = f.read().splitlines()
-        uid_col = header.split().index("uid")
-        found += [f"sysv {kind}: {row.split()}" for row in rows if int(row.split()[uid_col]) == uid]
-    with open("/proc/key-users") as f:
-        found += [f"keys: {line.strip()}" for line in f if int(line.split(":")[0]) == uid]
-    for folder in WRITABLE_DIRS:
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                try:
-                    if os.lstat(os.path.join(folder, name)).st_uid == uid:
-                        found.append(f"file {folder}/{name}")
-                except FileNotFoundError:
-                    continue
-    found += [f"process {pid}" for pid in pids_of_uid(uid)]
-    memcg = isolation_support().memcg
-    if memcg is not None:
-        found += [f"cgroup {name}" for name in os.listdir(memcg.parent) if name.startswith(f"sdpo-run-{uid}-")]
-    return found
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_behind(support):
-    yield
-    if support.uid is not None:  # without one, the runs' leftovers cannot be told from the host's
-        assert sandbox_leftovers(support.uid) == []
 
 
 def timed_evaluate(env: CodeEnv, problem: dict, response: str):
@@ -259,17 +218,9 @@ def test_the_notes_program_does_find_the_answer_when_ipc_is_shared(support, monk
 
 
 def _remove_sysv_objects(uid: int) -> None:
-    for kind, flag in (("shm", "-m"), ("msg", "-q"), ("sem", "-s")):
-        with open(f"/proc/sysvipc/{kind}") as f:
-            header, *rows = f.read().splitlines()
-        cols = header.split()
-        for row in rows:
-            values = row.split()
-            if int(values[cols.index("uid")]) == uid:
-                subprocess.run(["ipcrm", flag, values[1]], check=True)
-
-
-ROOT = os.geteuid() == 0
+    flags = {"shm": "-m", "msg": "-q", "sem": "-s"}
+    for kind, fields in list(sysv_objects(uid)):
+        subprocess.run(["ipcrm", flags[kind], fields[1]], check=True)
 
 
 # -- 2. a forged reply that would make decoding quadratic --------------------------------------------------
