@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:  # a full disk, a read-only directory, ...: what failed and where, in one line
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
             raise
-        print(f"{prog}: error: {exc.strerror if type(exc).__name__ == 'CheckpointError' else exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         resume = " (continue from the last checkpoint with --resume)" if argv[0] == "train" else ""

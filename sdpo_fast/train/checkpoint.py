@@ -35,6 +35,9 @@ RANK_STATE = "rank"  # the entry of a trainer's state dict that is this rank's o
 class CheckpointError(OSError):
     """A checkpoint could not be written; the message names the directory and the checkpoint that remains."""
 
+    def __str__(self) -> str:
+        return self.strerror  # the message already says what failed; no "[Errno N]" prefix
+
 
 class Checkpointer:
     """The checkpoints of one run under `root`, the newest `keep` of them kept.

@@ -113,6 +113,7 @@ def test_full_disk_names_the_failure_and_the_remaining_checkpoint(tmp_path, monk
         ckpt.save_checkpoint(tmp_path, 2, _app_state(model, opt), {"step": 2})
     monkeypatch.undo()
     message = str(info.value)
+    assert not message.startswith("[Errno"), message  # one readable line on the CLI
     assert "step-00000002" in message and str(tmp_path) in message and "disk is full" in message, message
     assert f"latest complete checkpoint is {ckpt.step_dir(tmp_path, 1)}" in message
     assert info.value.errno == errno.ENOSPC
