@@ -144,13 +144,18 @@ def sum_over_ranks(value: float, device: torch.device) -> float:
 
 
 def mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
-    """The mean over ranks of each value of `metrics` (every rank has the same keys)."""
+    """The mean of each value of `metrics` over the ranks where it is defined (every rank has the same keys;
+    NaN marks a value undefined on a rank, e.g. a diagnostic without pairs there; NaN only where no rank
+    has it)."""
     if _ranks() == 1:
         return metrics
     keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    defined = ~values.isnan()
+    t = torch.cat([values.nan_to_num(0.0), defined.double()])  # sums and counts in one reduction
     dist.all_reduce(t)
-    return {k: float(v) / _ranks() for k, v in zip(keys, t.tolist())}
+    sums, counts = t.tolist()[: len(keys)], t.tolist()[len(keys):]
+    return {k: s / c if c else float("nan") for k, s, c in zip(keys, sums, counts)}
 
 
 def concat_over_ranks(values: list) -> list:
